@@ -1,0 +1,85 @@
+"""Pieces shared by the adapter processors: diffusers' stock attention, split open.
+
+The adapters need the attention output *before* the frozen output projection
+(`W_out`), which diffusers' `AttnProcessor2_0` does not expose. These functions do
+exactly what it does, in the same order, so that an adapter at zero strength gives
+bit-identical results to the stock processor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def multihead_attention(query, key, value, heads: int, attention_mask=None):
+    """Scaled dot-product attention over `heads` heads.
+
+    query (B, N, D), key/value (B or 1, M, D) -> (B, N, D). Keys and values with batch 1
+    are shared by every query in the batch (a reference or a context for both halves
+    of classifier-free guidance).
+    """
+    batch = query.shape[0]
+    if key.shape[0] != batch:
+        key = key.expand(batch, -1, -1)
+        value = value.expand(batch, -1, -1)
+    head_dim = key.shape[-1] // heads
+    q = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
+    k = key.reshape(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, M, d)
+    v = value.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+
+
+class AttentionCall:
+    """One call of a diffusers `Attention` layer, up to and after the attention itself.
+
+    `begin` normalises the inputs the way `AttnProcessor2_0` does and gives the frozen
+    projections; `end` applies the frozen output projection and the layer's residual
+    and rescale settings.
+    """
+
+    def __init__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        self.attn = attn
+        self.residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        self.input_shape = None
+        if hidden_states.ndim == 4:
+            self.input_shape = hidden_states.shape
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        self.attention_mask = attention_mask
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        self.hidden_states = hidden_states  # (B, N, C): the layer's image tokens
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        self.context = encoder_hidden_states
+        if attn.norm_q is not None or attn.norm_k is not None:
+            raise NotImplementedError("Patch-Adapter processors do not support q/k-normalised attention layers.")
+
+    def frozen_attention(self):
+        """(Q, K, V, Z) of the frozen layer; Z is (B, N, inner) before W_out."""
+        attn = self.attn
+        query = attn.to_q(self.hidden_states)
+        key = attn.to_k(self.context)
+        value = attn.to_v(self.context)
+        z = multihead_attention(query, key, value, attn.heads, self.attention_mask)
+        return query, key, value, z
+
+    def end(self, z):
+        attn = self.attn
+        out = attn.to_out[1](attn.to_out[0](z))  # frozen W_out, then dropout
+        if self.input_shape is not None:
+            b, c, h, w = self.input_shape
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + self.residual
+        return out / attn.rescale_output_factor

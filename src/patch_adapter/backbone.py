@@ -1,0 +1,289 @@
+"""The frozen SDXL-inpainting backbone: loading it from every place a user keeps it.
+
+`load_backbone(source)` returns the diffusers components of an SDXL-inpainting
+pipeline (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
+scheduler) from one of:
+
+- ``"tiny"``: the same diffusers classes at small widths (native 128 px), built
+  deterministically here with no download; tests, CI and the quick start use it;
+- a local diffusers folder (one with ``model_index.json``);
+- a single-file ``.safetensors``/``.ckpt`` SDXL-inpainting checkpoint;
+- a hub id such as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` (where a hub
+  is reachable; offline it fails with a message that says what to download).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SDXL_INPAINT_HUB_ID = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+TINY_NATIVE_SIZE = 128
+COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class BackboneLoadError(RuntimeError):
+    """The backbone could not be loaded; the message says what to do instead."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of fp32, fp16, bf16") from None
+
+
+# --------------------------------------------------------------------------- tiny
+
+
+def tiny_weights_dir() -> Path:
+    """Where trained tiny weights live, if any (a diffusers folder).
+
+    ``PATCH_ADAPTER_TINY_WEIGHTS`` overrides it; without a folder there, the tiny
+    backbone is built with deterministic random weights.
+    """
+    override = os.environ.get("PATCH_ADAPTER_TINY_WEIGHTS")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent / "tiny_weights"
+
+
+def tiny_tokenizer():
+    """A byte-level CLIP tokenizer with no merges: every character is a token."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_configs() -> dict:
+    """Configs of the tiny backbone: SDXL-inpainting's structure at small widths."""
+    text_dim, pooled_dim, time_dim = 32, 32, 8
+    return {
+        "unet": dict(
+            sample_size=TINY_NATIVE_SIZE // 8,
+            in_channels=9,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),
+            norm_num_groups=16,
+            cross_attention_dim=2 * text_dim,  # concatenated features of both text encoders
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=4,
+            sample_size=TINY_NATIVE_SIZE,
+            scaling_factor=0.13025,
+            force_upcast=False,  # fp32 VAE; SDXL's fp16 VAE is upcast by the pipeline
+        ),
+        "text_encoder": dict(
+            hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=pooled_dim, hidden_act="gelu",
+        ),
+        "text_encoder_2": dict(
+            hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=pooled_dim, hidden_act="gelu",
+        ),
+        # SDXL-inpainting's scheduler settings.
+        "scheduler": dict(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+        ),
+    }
+
+
+def build_tiny_components(seed: int = 0) -> dict:
+    """The tiny backbone with deterministic random weights (no download).
+
+    Each component is built under its own seed so that changing one config leaves
+    the others' weights as they were. Global RNG state is left untouched.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = tiny_configs()
+    tokenizer = tiny_tokenizer()
+    vocab_size = len(tokenizer)
+
+    def seeded(offset, make):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + offset)
+            return make()
+
+    unet = seeded(0, lambda: UNet2DConditionModel(**configs["unet"]))
+    vae = seeded(1, lambda: AutoencoderKL(**configs["vae"]))
+    special = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_cfg = CLIPTextConfig(**special, **configs["text_encoder"])
+    text_cfg_2 = CLIPTextConfig(**special, **configs["text_encoder_2"])
+    text_encoder = seeded(2, lambda: CLIPTextModel(text_cfg))
+    text_encoder_2 = seeded(3, lambda: CLIPTextModelWithProjection(text_cfg_2))
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tiny_tokenizer(),
+        "scheduler": EulerDiscreteScheduler(**configs["scheduler"]),
+    }
+
+
+# --------------------------------------------------------------------------- real
+
+
+def _components_of(pipe) -> dict:
+    return {name: getattr(pipe, name) for name in COMPONENT_NAMES}
+
+
+def _offline_hint(source: str) -> str:
+    return (
+        f"Could not load {source!r} from the Hugging Face hub (no network, or it is not cached).\n"
+        f"On a machine with internet, download it once:\n"
+        f"    huggingface-cli download {source} --local-dir ./models/{source.split('/')[-1]}\n"
+        f"then copy that folder here and pass its path instead (--model ./models/{source.split('/')[-1]}),\n"
+        f"or set HF_HOME to a cache that already holds it."
+    )
+
+
+def load_backbone(
+    source: str = "tiny",
+    torch_dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+) -> dict:
+    """Load the components of an SDXL-inpainting backbone.
+
+    ``config`` is only for single-file checkpoints: a local diffusers folder (or hub
+    id) whose component configs describe the checkpoint; offline it is required.
+    """
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    source = str(source)
+    if source == "tiny":
+        weights = tiny_weights_dir()
+        if (weights / "model_index.json").is_file():
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(weights, dtype=torch_dtype)
+            components = _components_of(pipe)
+        else:
+            components = build_tiny_components()
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                components[name].to(torch_dtype)
+        return components
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BackboneLoadError(
+                f"{source} is a folder but not a diffusers pipeline (no model_index.json). "
+                f"Pass a diffusers folder such as a download of {SDXL_INPAINT_HUB_ID}, "
+                f"or a single .safetensors checkpoint."
+            )
+        try:
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(path, dtype=torch_dtype, variant=variant)
+        except (OSError, ValueError, TypeError) as err:
+            raise BackboneLoadError(f"could not load the diffusers folder {source}: {err}") from err
+        return check_inpainting_backbone(_components_of(pipe), source)
+
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise BackboneLoadError(f"checkpoint file {source} does not exist.")
+        try:
+            pipe = StableDiffusionXLInpaintPipeline.from_single_file(
+                str(path), dtype=torch_dtype, config=config,
+                local_files_only=bool(local_files_only) if local_files_only is not None else None,
+            )
+        except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
+            raise BackboneLoadError(
+                f"could not load the single-file checkpoint {source}: {err}\n"
+                "A single-file checkpoint needs the SDXL-inpainting component configs. Offline, pass a local "
+                f"diffusers folder of {SDXL_INPAINT_HUB_ID} (its *.json files are enough) as config= "
+                "(CLI: --config DIR)."
+            ) from err
+        return check_inpainting_backbone(_components_of(pipe), source)
+
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        try:
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
+                source, dtype=torch_dtype, variant=variant, local_files_only=local_files_only or False
+            )
+        except Exception as err:  # connection errors, missing cache entries, 404s
+            raise BackboneLoadError(_offline_hint(source) + f"\n(underlying error: {type(err).__name__}: {err})") from err
+        return check_inpainting_backbone(_components_of(pipe), source)
+
+    raise BackboneLoadError(
+        f"model {source!r} is neither 'tiny', an existing diffusers folder, a single-file checkpoint "
+        f"({', '.join(SINGLE_FILE_SUFFIXES)}) nor a hub id of the form owner/name (e.g. {SDXL_INPAINT_HUB_ID})."
+    )
+
+
+def check_inpainting_backbone(components: dict, source: str) -> dict:
+    """Refuse text-to-image UNets: the method needs the 9-channel inpainting input."""
+    in_channels = components["unet"].config.in_channels
+    if in_channels != 9:
+        raise BackboneLoadError(
+            f"{source} has a UNet with {in_channels} input channels; Patch-Adapter needs an inpainting UNet "
+            f"with 9 (noisy latent + mask + masked-image latent), such as {SDXL_INPAINT_HUB_ID}."
+        )
+    return components
+
+
+def backbone_identity(unet) -> dict:
+    """What an adapter depends on in the UNet: its attention layout, not its weights."""
+    cfg = unet.config
+    keys = (
+        "in_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+        "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+    )
+    return json.loads(json.dumps({k: cfg.get(k) for k in keys}))
+
+
+def native_size(unet, vae_scale_factor: int = 8) -> int:
+    """The side in pixels the backbone was trained at (1024 for SDXL, 128 for tiny)."""
+    return int(unet.config.sample_size) * vae_scale_factor

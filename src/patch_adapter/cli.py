@@ -1,0 +1,214 @@
+"""The `patch-adapter` command: a thin front end over the package.
+
+    patch-adapter inpaint IMAGE --mask MASK --prompt TEXT -o OUT [--model tiny|PATH|HUB_ID] ...
+    patch-adapter inpaint IMAGE --mask MASK --plan          (print the tile plan, run nothing)
+
+Exit codes: 0 done, 2 bad input (arguments, image, mask, model or adapter file),
+1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backbone import BackboneLoadError
+from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
+from .planning import METHODS
+
+USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
+EIGHT_BIT_SUFFIXES = {".jpg", ".jpeg", ".webp"}
+
+
+def add_inpaint_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inpaint", help="fill the masked part of an image, following a prompt",
+        description="Inpaint IMAGE inside MASK (white = fill) with Patch-Adapter or a baseline. "
+                    "Pixels outside the mask are returned unchanged, to the bit.",
+    )
+    p.add_argument("image", help="input image (PNG, JPEG, WebP, TIFF; 8 or 16 bit)")
+    p.add_argument("--mask", help="mask image of the same size: white = fill, black = keep, grey thresholded at "
+                                  "--mask-threshold. Without it, the image's alpha channel is the mask "
+                                  "(transparent = fill)")
+    p.add_argument("--prompt", default="", help="what to put in the mask")
+    p.add_argument("--negative-prompt", default=None, help="what to avoid")
+    p.add_argument("-o", "--output", help="output file (.png/.tif keep 16 bits) or folder; required unless --plan")
+    p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file itself")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
+                   help="'tiny' (built in, offline), a diffusers folder, a single-file .safetensors checkpoint, "
+                        "or a hub id (default: tiny)")
+    g.add_argument("--config", default=None, help="for a single-file checkpoint: a diffusers folder with its configs")
+    g.add_argument("--adapter", default=None, help="Patch-Adapter weights (.safetensors)")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu (default: auto)")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="weights precision (default: fp16 on cuda, fp32 elsewhere)")
+    g.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves GPU memory)")
+    g.add_argument("--scheduler", default=None, choices=["euler", "euler-a", "ddim", "dpm++", "unipc"],
+                   help="sampler (default: the model's own)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="patch-adapter", choices=METHODS, help="the method or a baseline")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps of the whole-image pass (default 30)")
+    g.add_argument("--refine-steps", type=int, default=None, help="denoising steps of the patches (default: --steps)")
+    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    g.add_argument("--strength", type=float, default=0.9999, help="noise of the whole-image pass (default 0.9999)")
+    g.add_argument("--refine-strength", type=float, default=0.6,
+                   help="noise the patches start from, 1.0 = pure noise (default 0.6)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--num-images", type=int, default=1, help="how many results (default 1)")
+    g.add_argument("--dca-scale", type=float, default=1.0, help="Dual Context Adapter strength (default 1)")
+    g.add_argument("--rpa-scale", type=float, default=1.0, help="Reference Patch Adapter strength (default 1)")
+    g.add_argument("--tile-size", type=int, default=None, help="patch size in px (default: the native size)")
+    g.add_argument("--tile-overlap", type=int, default=None, help="patch overlap in px (default: native / 4)")
+    g.add_argument("--mask-dilation", type=int, default=0, help="grow the regenerated region by N px (default 0)")
+    g.add_argument("--mask-feather", type=int, default=0,
+                   help="blend the fill into the original over N px inside the mask (default 0)")
+    g.add_argument("--mask-threshold", type=float, default=0.5, help="grey level that counts as fill (default 0.5)")
+    g.add_argument("--crop-margin", type=int, default=None, help="crop baseline: margin around the mask in px")
+    p.add_argument("--plan", action="store_true", help="print the tile plan and UNet evaluation count; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_inpaint)
+
+
+def output_paths(output: str, image_path: str, count: int) -> list[Path]:
+    """One path per result: OUT, or OUT_0, OUT_1 ... for several; a folder gets <stem>_inpainted.png."""
+    out = Path(output)
+    if out.is_dir() or output.endswith(("/", "\\")):
+        out = out / f"{Path(image_path).stem}_inpainted.png"
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def native_size_of(model: str) -> int:
+    """The backbone's native size without loading weights (for --plan)."""
+    from .backbone import TINY_NATIVE_SIZE
+
+    if model == "tiny":
+        return TINY_NATIVE_SIZE
+    config = Path(model) / "unet" / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["sample_size"]) * 8
+    return 1024  # SDXL
+
+
+def plan_only(args, loaded, mask) -> int:
+    from .planning import make_plan
+
+    native = native_size_of(args.model)
+    plan = make_plan(
+        image_size=loaded.size, mask=mask, method=args.method, native=native,
+        num_inference_steps=args.steps, strength=args.strength,
+        refine_steps=args.refine_steps or args.steps, refine_strength=args.refine_strength,
+        tile_size=(args.tile_size or native) // 8,
+        tile_overlap=(args.tile_overlap if args.tile_overlap is not None else native // 4) // 8,
+        mask_dilation=args.mask_dilation,
+        crop_margin=args.crop_margin if args.crop_margin is not None else native // 8,
+        guidance=args.guidance_scale > 1.0, rpa_scale=args.rpa_scale,
+    )
+    print(plan.describe())
+    return 0
+
+
+def run_inpaint(args) -> int:
+    import torch
+
+    from .backbone import resolve_device
+
+    # 1. Inputs first: a wrong mask fails before minutes of model loading
+    loaded = load_image(args.image)
+    mask = load_mask(args.mask, loaded, threshold=args.mask_threshold)
+    if args.plan:
+        return plan_only(args, loaded, mask)
+    if not args.output:
+        raise ValueError("give an output file with -o OUT (or use --plan to only print the plan)")
+    paths = output_paths(args.output, args.image, args.num_images)
+    protect = [] if args.overwrite_input else [args.image] + ([args.mask] if args.mask else [])
+    for path in paths:  # refuse before running, not after
+        for item in protect:
+            if path.exists() and path.resolve() == Path(item).resolve():
+                raise ValueError(f"refusing to overwrite the input {item}; choose another -o or pass --overwrite-input")
+
+    # 2. Model
+    from .pipeline import PatchAdapterPipeline
+
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    started = time.perf_counter()
+    pipe = PatchAdapterPipeline.from_pretrained(
+        args.model, adapter=args.adapter, device=str(device), dtype=dtype, cpu_offload=args.cpu_offload,
+        config=args.config, scheduler=args.scheduler,
+    )
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+
+    # 3. Inpaint
+    generator = torch.Generator().manual_seed(args.seed)
+    result = pipe(
+        prompt=args.prompt, image=loaded, mask_image=mask, negative_prompt=args.negative_prompt,
+        method=args.method, num_inference_steps=args.steps, refine_steps=args.refine_steps,
+        guidance_scale=args.guidance_scale, strength=args.strength, refine_strength=args.refine_strength,
+        generator=generator, dca_scale=args.dca_scale, rpa_scale=args.rpa_scale, tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap, mask_dilation=args.mask_dilation, mask_feather=args.mask_feather,
+        crop_margin=args.crop_margin, num_images_per_prompt=args.num_images,
+    )
+    elapsed = time.perf_counter() - started
+
+    # 4. Write, atomically, with the parameters in the file
+    metadata = {
+        "patch_adapter_version": __version__, "model": args.model, "adapter": args.adapter,
+        "method": args.method, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+        "seed": args.seed, "steps": args.steps, "refine_steps": args.refine_steps or args.steps,
+        "guidance_scale": args.guidance_scale, "strength": args.strength,
+        "refine_strength": args.refine_strength, "dca_scale": args.dca_scale, "rpa_scale": args.rpa_scale,
+        "tile_size": args.tile_size or pipe.native_size,
+        "tile_overlap": args.tile_overlap if args.tile_overlap is not None else pipe.native_size // 4,
+        "mask_dilation": args.mask_dilation, "mask_feather": args.mask_feather,
+        "mask_threshold": args.mask_threshold, "scheduler": type(pipe.scheduler).__name__,
+        "unet_forwards": result.plan.unet_forwards,
+    }
+    for index, (path, pixels) in enumerate(zip(paths, result.arrays)):
+        if pixels.dtype == np.uint16 and path.suffix.lower() in EIGHT_BIT_SUFFIXES:
+            print(f"note: {path.suffix} holds 8 bits; the 16-bit result is written as 8-bit "
+                  f"(use .png or .tif to keep 16 bits)", file=sys.stderr)
+            pixels = from_float(to_float(pixels), np.uint8)
+        save_image(path, pixels, metadata={**metadata, "index": index}, protect=protect,
+                   overwrite_input=args.overwrite_input, icc_profile=loaded.icc_profile)
+        print(f"wrote {path}")
+    print(f"{result.plan.unet_forwards} UNet forwards in {elapsed:.1f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patch-adapter", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"patch-adapter {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_inpaint_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()  # library chatter would bury our own messages
+    transformers_logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"patch-adapter: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("patch-adapter: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

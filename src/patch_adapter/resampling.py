@@ -1,0 +1,45 @@
+"""Resizing pictures between the full-resolution canvas and the backbone's size.
+
+Both directions touch only what they must: the downscale for stage 1 reads the
+image once with Pillow's antialiased filter, and the upscale of a stage-1 result
+samples just the region stage 2 works in, so an 8K canvas is never held in float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+
+def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8/uint16 -> (height, width, 3) float32 in [0, 1], Lanczos-filtered."""
+    height, width = size
+    if pixels.dtype == np.uint8:
+        small = PIL.Image.fromarray(pixels).resize((width, height), PIL.Image.Resampling.LANCZOS)
+        return np.asarray(small).astype(np.float32) / np.float32(255)
+    if pixels.dtype != np.uint16:
+        raise TypeError(f"expected uint8 or uint16 pixels, got {pixels.dtype}")
+    channels = [
+        np.asarray(PIL.Image.fromarray(pixels[..., c].astype(np.float32), mode="F").resize(
+            (width, height), PIL.Image.Resampling.LANCZOS))
+        for c in range(pixels.shape[2])
+    ]
+    return np.clip(np.stack(channels, axis=-1) / np.float32(65535), 0, 1).astype(np.float32)
+
+
+def sample_region(low: torch.Tensor, full_size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Bicubic upsampling of `low` (1, 3, h, w) to `full_size` (H, W), evaluated only in `box`.
+
+    Equal to upsampling the whole picture with align_corners=False and cropping
+    `box` (top, left, bottom, right); the box may reach past the picture's edge
+    (edge values repeat there). Returns (bottom - top, right - left, 3) in [0, 1].
+    """
+    height, width = full_size
+    top, left, bottom, right = box
+    ys = (torch.arange(top, bottom, dtype=torch.float64) + 0.5) / height * 2 - 1
+    xs = (torch.arange(left, right, dtype=torch.float64) + 0.5) / width * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].to(torch.float32)
+    out = F.grid_sample(low.float().cpu(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out[0].permute(1, 2, 0).clamp(0, 1).numpy()

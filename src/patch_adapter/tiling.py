@@ -1,0 +1,125 @@
+"""Tile planning and fusion for stage 2 (pure functions over sizes and tensors).
+
+Everything here is in latent units (1 latent = 8 pixels). The full-resolution canvas
+is covered by a regular grid of native-size tiles with overlap; only tiles that touch
+the (dilated) mask are processed, so the cost follows the mask's area, not the
+image's. Overlapping tiles are fused by weighted averaging with smooth windows
+(MultiDiffusion-style), which is what keeps seams out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile in latent units: rows [top, top + height), columns [left, left + width)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.height
+
+    @property
+    def right(self) -> int:
+        return self.left + self.width
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+    def shifted(self, dy: int, dx: int) -> "Tile":
+        return Tile(self.top + dy, self.left + dx, self.height, self.width)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets along one axis: stride tile - overlap, the last tile flush with the end."""
+    if tile <= 0 or not 0 <= overlap < tile:
+        raise ValueError(f"need tile > overlap >= 0, got tile={tile}, overlap={overlap}")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((length - tile) / stride) + 1
+    return [min(i * stride, length - tile) for i in range(count)]
+
+
+def plan_tiles(canvas: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
+    """The full grid of tiles over a (height, width) latent canvas."""
+    height, width = canvas
+    return [
+        Tile(top, left, min(tile, height), min(tile, width))
+        for top in tile_starts(height, tile, overlap)
+        for left in tile_starts(width, tile, overlap)
+    ]
+
+
+def tiles_touching(tiles: list[Tile], latent_mask: np.ndarray) -> list[Tile]:
+    """The tiles that contain at least one masked latent."""
+    return [t for t in tiles if latent_mask[t.slices].any()]
+
+
+def bounding_tile(tiles: list[Tile]) -> Tile:
+    """The smallest box holding all tiles (the region stage 2 works in)."""
+    top = min(t.top for t in tiles)
+    left = min(t.left for t in tiles)
+    bottom = max(t.top + t.height for t in tiles)
+    right = max(t.left + t.width for t in tiles)
+    return Tile(top, left, bottom - top, right - left)
+
+
+def _ramp(length: int, overlap: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
+    """1-D window: 1 in the middle, a raised-cosine ramp over `overlap` at faded ends."""
+    w = torch.ones(length, dtype=torch.float64)
+    ramp_len = min(overlap, length // 2)
+    if ramp_len > 0:
+        ramp = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp_len, dtype=torch.float64) + 0.5) / ramp_len)
+        if fade_start:
+            w[:ramp_len] = ramp
+        if fade_end:
+            w[length - ramp_len:] = ramp.flip(0)
+    return w
+
+
+def tile_window(tile: Tile, canvas: tuple[int, int], overlap: int) -> torch.Tensor:
+    """Fusion weights (height, width) of a tile: ramps only towards neighbouring tiles.
+
+    Edges on the canvas border keep full weight, so every latent of the canvas that a
+    tile covers has a positive total weight.
+    """
+    height, width = canvas
+    wy = _ramp(tile.height, overlap, tile.top > 0, tile.top + tile.height < height)
+    wx = _ramp(tile.width, overlap, tile.left > 0, tile.left + tile.width < width)
+    return (wy[:, None] * wx[None, :]).float()
+
+
+@dataclass
+class TileFusion:
+    """Weighted average of per-tile predictions over a region (MultiDiffusion)."""
+
+    shape: tuple  # (B, C, H, W) of the region
+    windows: list[torch.Tensor]  # one (h, w) window per tile, in region coordinates
+    tiles: list[Tile]
+
+    def __post_init__(self):
+        self.weight = torch.zeros(self.shape[-2:], dtype=torch.float32)
+        for tile, window in zip(self.tiles, self.windows):
+            self.weight[tile.slices] += window
+        self.covered = self.weight > 0
+
+    def fuse(self, predictions: list[torch.Tensor]) -> torch.Tensor:
+        """predictions[i] (B, C, h_i, w_i) for tile i -> (B, C, H, W); zero where no tile is."""
+        device, dtype = predictions[0].device, predictions[0].dtype
+        total = torch.zeros(self.shape, device=device, dtype=torch.float32)
+        for tile, window, pred in zip(self.tiles, self.windows, predictions):
+            total[(..., *tile.slices)] += pred.float() * window.to(device)
+        weight = self.weight.to(device).clamp_min(1e-12)
+        return (total / weight).to(dtype)

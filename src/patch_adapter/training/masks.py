@@ -1,0 +1,160 @@
+"""Random training masks: brush strokes, boxes, large areas, borders and objects.
+
+Each kind is a small pure function ``(rng, height, width) -> (H, W) bool`` (True =
+fill) driven only by the `np.random.Generator` it is given, so a mask is a
+function of its seed. `random_mask` draws the kind from a configurable mix.
+
+The kinds follow what inpainting models are trained with (LaMa's and SD-inpainting's
+generators) and what METHOD.md asks for: brush strokes, boxes, large areas (over half
+the image), border masks (outpainting) and object-shaped masks (the dataset's own
+object masks where it has them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .config import MASK_KINDS
+
+
+def brush_strokes(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """1-4 free-form strokes: polylines of random direction with round joints."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    side = min(height, width)
+    for _ in range(int(rng.integers(1, 5))):
+        thickness = int(rng.integers(max(2, side // 30), max(3, side // 8) + 1))
+        x, y = float(rng.uniform(0, width)), float(rng.uniform(0, height))
+        angle = float(rng.uniform(0, 2 * np.pi))
+        points = [(x, y)]
+        for _ in range(int(rng.integers(2, 9))):
+            angle += float(rng.uniform(-1.2, 1.2))
+            length = float(rng.uniform(side / 10, side / 3))
+            x = float(np.clip(x + length * np.cos(angle), 0, width - 1))
+            y = float(np.clip(y + length * np.sin(angle), 0, height - 1))
+            points.append((x, y))
+        draw.line(points, fill=255, width=thickness)
+        r = thickness / 2
+        for px, py in points:
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+    return np.asarray(canvas) > 0
+
+
+def boxes(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """1-3 axis-aligned rectangles of 10-50% of each side."""
+    mask = np.zeros((height, width), dtype=bool)
+    for _ in range(int(rng.integers(1, 4))):
+        h = max(1, int(height * rng.uniform(0.1, 0.5)))
+        w = max(1, int(width * rng.uniform(0.1, 0.5)))
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        mask[top:top + h, left:left + w] = True
+    return mask
+
+
+def large_area(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """More than half of the image: a big rectangle, a big blob, or all but a small box."""
+    choice = int(rng.integers(0, 3))
+    if choice == 0:
+        area = rng.uniform(0.55, 0.9)
+        aspect = rng.uniform(0.6, 1.6)
+        h = min(height, int(np.ceil(height * np.sqrt(area * aspect))))
+        w = min(width, int(np.ceil(width * area / (h / height))))
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        mask = np.zeros((height, width), dtype=bool)
+        mask[top:top + h, left:left + w] = True
+    elif choice == 1:
+        mask = blob(rng, height, width, scale=rng.uniform(0.9, 1.2))
+    else:
+        mask = ~boxes(rng, height, width)
+    if mask.mean() <= 0.5:  # a blob or a complement can fall short: widen it with a centred band
+        band = int(np.ceil(height * (0.5 - mask.mean()))) + 1
+        top = int(rng.integers(0, height - min(band, height) + 1))
+        mask[top:top + band] = True
+    return mask
+
+
+def border(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Outpainting: keep an inner rectangle, fill 1-4 of the borders around it (10-40% each)."""
+    mask = np.zeros((height, width), dtype=bool)
+    sides = rng.permutation(4)[: int(rng.integers(1, 5))]
+    for side in sides:
+        if side in (0, 1):
+            n = max(1, int(height * rng.uniform(0.1, 0.4)))
+            if side == 0:
+                mask[:n] = True
+            else:
+                mask[-n:] = True
+        else:
+            n = max(1, int(width * rng.uniform(0.1, 0.4)))
+            if side == 2:
+                mask[:, :n] = True
+            else:
+                mask[:, -n:] = True
+    return mask
+
+
+def blob(rng: np.random.Generator, height: int, width: int, scale: float = 0.5) -> np.ndarray:
+    """An object-shaped mask: a smooth random star-shaped polygon around a random centre.
+
+    `scale` is its mean radius as a share of the shorter side.
+    """
+    side = min(height, width)
+    cy, cx = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width
+    n = 24
+    harmonics = rng.normal(0, 0.15, size=(3, 2))  # low-frequency wobble of the outline
+    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    radius = 1 + sum(a * np.cos((k + 2) * angles) + b * np.sin((k + 2) * angles)
+                     for k, (a, b) in enumerate(harmonics))
+    radius = np.clip(radius, 0.4, 1.6) * scale * side * rng.uniform(0.4, 1.0)
+    points = [(float(cx + r * np.cos(t) * rng.uniform(0.8, 1.25)), float(cy + r * np.sin(t)))
+              for r, t in zip(radius, angles)]
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon(points, fill=255)
+    return np.asarray(canvas) > 0
+
+
+def object_mask(rng: np.random.Generator, height: int, width: int, objects: list | None = None) -> np.ndarray:
+    """One of the dataset's object masks (dilated a little, as SD-inpainting does), else a blob."""
+    if objects:
+        chosen = objects[int(rng.integers(0, len(objects)))]
+        mask = np.asarray(chosen, dtype=bool)
+        if mask.shape != (height, width):
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
+                                                                                  Image.Resampling.NEAREST)) > 0
+        radius = int(rng.integers(0, max(1, min(height, width) // 32) + 1))
+        if radius and mask.any():
+            from PIL import ImageFilter
+
+            grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * radius + 1))
+            mask = np.asarray(grown) > 0
+        if mask.any():
+            return mask
+    return blob(rng, height, width, scale=rng.uniform(0.15, 0.45))
+
+
+GENERATORS = {"brush": brush_strokes, "box": boxes, "large": large_area, "border": border}
+
+
+def random_mask(rng: np.random.Generator, height: int, width: int, mix: dict | None = None,
+                objects: list | None = None) -> tuple[np.ndarray, str]:
+    """A mask of a kind drawn from `mix` ({kind: weight}); returns (mask, kind).
+
+    Never empty and never the whole image (a fill needs some context to train on):
+    such draws fall back to a box.
+    """
+    from .config import default_mask_mix
+
+    mix = mix or default_mask_mix()
+    kinds = [k for k in MASK_KINDS if float(mix.get(k, 0)) > 0]
+    weights = np.array([float(mix[k]) for k in kinds])
+    kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+    if kind == "object":
+        mask = object_mask(rng, height, width, objects)
+    else:
+        mask = GENERATORS[kind](rng, height, width)
+    if not mask.any() or mask.all():
+        mask = boxes(rng, height, width)
+    return mask, kind
