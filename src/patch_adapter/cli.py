@@ -21,6 +21,7 @@ from . import __version__
 from .backbone import BackboneLoadError
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
 from .planning import METHODS
+from .training.commands import add_data_parser, add_train_parser
 
 USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
 EIGHT_BIT_SUFFIXES = {".jpg", ".jpeg", ".webp"}
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patch-adapter {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_inpaint_parser(subparsers)
+    add_train_parser(subparsers)
+    add_data_parser(subparsers)
     return parser
 
 

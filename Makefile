@@ -1,0 +1,28 @@
+# Patch-Adapter: set-up, tests and benchmarks. Everything runs offline on the CPU.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: setup test test-all bench bench-train clean
+
+# .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+
+# the suite (about N minutes on 2 cores); slow tests are left out, `make test-all` runs them
+test:
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+test-all:
+	$(PY) -m pytest -q -n 2
+
+# issue 3's scaling table: time and memory per image size and mask area, plus SDXL TFLOPs
+bench:
+	$(PY) benchmarks/scaling.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
