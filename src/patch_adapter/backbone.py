@@ -185,7 +185,7 @@ def _offline_hint(source: str) -> str:
     return (
         f"Could not load {source!r} from the Hugging Face hub (no network, or it is not cached).\n"
         f"On a machine with internet, download it once:\n"
-        f"    huggingface-cli download {source} --local-dir ./models/{source.split('/')[-1]}\n"
+        f"    hf download {source} --local-dir ./models/{source.split('/')[-1]}\n"
         f"then copy that folder here and pass its path instead (--model ./models/{source.split('/')[-1]}),\n"
         f"or set HF_HOME to a cache that already holds it."
     )
@@ -213,8 +213,9 @@ def load_backbone(
             components = _components_of(pipe)
         else:
             components = build_tiny_components()
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                components[name].to(torch_dtype)
+            if torch_dtype != torch.float32:  # built in float32; a no-op cast only makes diffusers warn
+                for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                    components[name].to(torch_dtype)
         return components
 
     path = Path(source).expanduser()

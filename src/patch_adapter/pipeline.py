@@ -38,7 +38,7 @@ from .compositing import (
 from .image_io import LoadedImage, load_image, load_mask
 from .planning import METHODS, InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
-from .tiling import Tile, TileFusion, tile_window
+from .tiling import TileFusion, bounding_tile, tile_window
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -155,16 +155,19 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         config: str | None = None,
         variant: str | None = None,
         scheduler: str | None = None,
+        local_files_only: bool | None = None,
     ) -> "PatchAdapterPipeline":
         """Load the backbone (``"tiny"``, a diffusers folder, a single file or a hub id).
 
         device: "auto" (cuda, mps, cpu), or any torch device. dtype: fp32 (default),
         fp16 or bf16. cpu_offload: keep each model on the CPU until it runs
         (diffusers' model offload; needs accelerate and a GPU). adapter: a
-        Patch-Adapter .safetensors file to load.
+        Patch-Adapter .safetensors file to load. local_files_only: never reach the
+        hub (default: the HF_HUB_OFFLINE environment variable).
         """
         dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
-        components = load_backbone(source, torch_dtype=dtype, config=config, variant=variant)
+        components = load_backbone(source, torch_dtype=dtype, config=config, variant=variant,
+                                   local_files_only=local_files_only)
         pipe = cls(**components)
         pipe.backbone_name = str(source)
         if scheduler:
@@ -177,6 +180,23 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         else:
             pipe.to(device)
         return pipe
+
+    @contextlib.contextmanager
+    def stock_attention(self):
+        """Within this block the UNet has diffusers' stock processors (no adapter modules)."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        installed = self.unet.attn_processors
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            yield self.unet
+        finally:
+            self.unet.set_attn_processor(installed)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save the backbone as a diffusers folder, without the adapters (see `save_adapter`)."""
+        with self.stock_attention():
+            super().save_pretrained(save_directory, **kwargs)
 
     def load_adapter(self, path) -> dict:
         """Load Patch-Adapter weights (DCA, RPA or both); returns the file's manifest."""
@@ -293,14 +313,16 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         # 3. Run the method, once per requested image
         arrays = []
         for _ in range(num_images_per_prompt):
-            fill, box = self._run_method(plan, loaded, mask, text, generator, num_inference_steps, strength,
-                                         refine_steps or num_inference_steps, refine_strength, dca_scale,
-                                         rpa_scale, mask_dilation, reference_timestep)
+            fills = self._run_method(plan, loaded, mask, text, generator, num_inference_steps, strength,
+                                     refine_steps or num_inference_steps, refine_strength, dca_scale,
+                                     rpa_scale, mask_dilation, reference_timestep)
             # 4. Composite inside the mask only
-            top, left, bottom, right = box
-            window = mask[top:bottom, left:right]
-            alpha = feather_alpha(window, mask_feather)
-            arrays.append(composite(loaded.pixels, fill, window, alpha, offset=(top, left)))
+            result = loaded.pixels
+            for fill, (top, left, bottom, right) in fills:
+                window = mask[top:bottom, left:right]
+                alpha = feather_alpha(window, mask_feather)
+                result = composite(result, fill, window, alpha, offset=(top, left))
+            arrays.append(result)
 
         self.maybe_free_model_hooks()
         return self._output(arrays, plan, return_dict)
@@ -337,7 +359,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
 
     def _run_method(self, plan, loaded, mask, text, generator, steps, strength, refine_steps, refine_strength,
                     dca_scale, rpa_scale, mask_dilation, reference_timestep):
-        """The fill (h, w, 3) in [0, 1] and the box (top, left, bottom, right) it covers."""
+        """The fills: a list of (pixels (h, w, 3) in [0, 1], box (top, left, bottom, right))."""
         method = plan.method
         pixels = loaded.pixels
         height, width = mask.shape
@@ -356,23 +378,24 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             else:
                 low = self._stage1_at(box_pixels, box_mask, size, text, generator, steps, strength, use_dca)
                 fill = sample_region(low, (bottom - top, right - left), (0, 0, bottom - top, right - left))
-            return fill, plan.stage1_box
+            return [(fill, plan.stage1_box)]
 
         reference = None
         if plan.stage1_size is not None:
             # stage 1 at the native pixel count; its result is the reference of stage 2
             reference = self._stage1_at(pixels, gen_mask, plan.stage1_size, text, generator,
                                         steps, strength, use_dca)
-        region = plan.region
-        box = (region.top * 8, region.left * 8, min(height, region.bottom * 8), min(width, region.right * 8))
-        fill = self._refine_patches(
-            plan, pixels, gen_mask, reference, text, generator,
-            steps=refine_steps if method != "tiled" else steps,
-            strength=refine_strength if method != "tiled" else strength,
-            dca_scale=use_dca, rpa_scale=rpa_scale if method == "patch-adapter" else 0.0,
-            reference_timestep=reference_timestep,
-        )
-        return fill[: box[2] - box[0], : box[3] - box[1]], box
+        # stage 2 (or the tiled baseline): each group of overlapping patches on its own
+        fills = []
+        for group in plan.groups:
+            fills.append(self._refine_patches(
+                group, plan.tile_overlap, pixels, gen_mask, reference, text, generator,
+                steps=refine_steps if method != "tiled" else steps,
+                strength=refine_strength if method != "tiled" else strength,
+                dca_scale=use_dca, rpa_scale=rpa_scale if method == "patch-adapter" else 0.0,
+                reference_timestep=reference_timestep,
+            ))
+        return fills
 
     # ------------------------------------------------------------------ text
 
@@ -512,17 +535,19 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
 
     # ------------------------------------------------------------------ stage 2
 
-    def _refine_patches(self, plan, pixels, gen_mask, reference, text, generator, steps, strength, dca_scale,
-                        rpa_scale, reference_timestep) -> np.ndarray:
-        """Denoise the patches of `plan` in lock step; returns the region's pixels (h, w, 3) in [0, 1].
+    def _refine_patches(self, tiles, overlap, pixels, gen_mask, reference, text, generator, steps, strength,
+                        dca_scale, rpa_scale, reference_timestep):
+        """Denoise overlapping patches in lock step; returns (pixels (h, w, 3) in [0, 1], box).
 
-        reference: the stage-1 result (1, 3, h, w), upsampled here to full size inside
-        the mask; None for the tiled baseline, which starts from noise without one.
+        tiles: one group of the plan (canvas latent coordinates); box: the pixels the
+        result covers (top, left, bottom, right). reference: the stage-1 result
+        (1, 3, h, w), upsampled here to full size inside the mask; None for the tiled
+        baseline, which starts from noise without one.
         """
         device = self._execution_device
         factor = self.vae_scale_factor
         height, width = gen_mask.shape
-        region = plan.region
+        region = bounding_tile(tiles)
         top, left = region.top * factor, region.left * factor
         bottom, right = top + region.height * factor, left + region.width * factor
         box = (top, left, min(bottom, height), min(width, right))
@@ -553,9 +578,9 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
 
         # per-patch inputs: tiles in region coordinates, windows, reference banks
-        tiles = [t.shifted(-region.top, -region.left) for t in plan.tiles]
         canvas = (-(-height // factor), -(-width // factor))
-        windows = [tile_window(t, canvas, plan.tile_overlap) for t in plan.tiles]
+        windows = [tile_window(t, canvas, overlap) for t in tiles]
+        tiles = [t.shifted(-region.top, -region.left) for t in tiles]
         fusion = TileFusion(tuple(latents.shape), windows, tiles)
         banks = [None] * len(tiles)
         if rpa_scale != 0 and reference is not None:
@@ -583,7 +608,8 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         # latents no patch covered keep the reference; decode the region
         covered = fusion.covered.to(device)
         latents = torch.where(covered, latents, base_latents)
-        return self.decode(latents)[0].permute(1, 2, 0).cpu().numpy()
+        fill = self.decode(latents)[0].permute(1, 2, 0).cpu().numpy()
+        return fill[: box[2] - box[0], : box[3] - box[1]], box
 
     def record_reference(self, reference_latents, text, timestep: int) -> ReferenceBank:
         """Pass a clean reference patch through the frozen UNet once, keeping attn1 inputs."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .compositing import dilate_mask, latent_mask, mask_bbox
-from .tiling import Tile, bounding_tile, plan_tiles, tiles_touching
+from .tiling import Tile, bounding_tile, group_tiles, plan_tiles, tiles_touching
 
 METHODS = ("patch-adapter", "resize", "crop", "direct", "tiled", "two-stage")
 STAGE1_METHODS = {"patch-adapter", "two-stage", "resize"}  # methods that run the backbone at native size
@@ -75,10 +75,15 @@ class InpaintPlan:
     tile_size: int = 0  # latents
     tile_overlap: int = 0  # latents
     tiles: list[Tile] = field(default_factory=list)  # canvas latent coordinates
-    region: Tile | None = None  # bounding box of the tiles
+    groups: list[list[Tile]] = field(default_factory=list)  # tiles that overlap, fused and decoded together
     stage2_steps: int = 0
     reference_passes: int = 0
     guidance: bool = True  # classifier-free guidance doubles the batch of each forward
+
+    @property
+    def regions(self) -> list[Tile]:
+        """The latent box of each group: what stage 2 encodes and decodes."""
+        return [bounding_tile(group) for group in self.groups]
 
     @property
     def unet_forwards(self) -> int:
@@ -105,19 +110,22 @@ class InpaintPlan:
                 f"{self.stage1_steps} steps"
             )
         if self.tiles:
-            r = self.region
             px = LATENT_FACTOR
             lines.append(
                 f"patches: {len(self.tiles)} of {self.tile_size * px} px, overlap {self.tile_overlap * px} px, "
                 f"{self.stage2_steps} steps each, {self.reference_passes} reference passes"
             )
-            lines.append(
-                f"patch region: top={r.top * px}, left={r.left * px}, {r.width * px}x{r.height * px} px"
-            )
-            for i, t in enumerate(self.tiles):
+            index = 0
+            for group, r in zip(self.groups, self.regions):
                 lines.append(
-                    f"  patch {i}: top={t.top * px} left={t.left * px} size={t.width * px}x{t.height * px}"
+                    f"patch region: top={r.top * px}, left={r.left * px}, {r.width * px}x{r.height * px} px, "
+                    f"{len(group)} patches"
                 )
+                for t in group:
+                    lines.append(
+                        f"  patch {index}: top={t.top * px} left={t.left * px} size={t.width * px}x{t.height * px}"
+                    )
+                    index += 1
         lines.append(
             f"UNet forwards: {self.unet_forwards} ({self.unet_evaluations} evaluations"
             f"{' with classifier-free guidance' if self.guidance else ''})"
@@ -190,7 +198,8 @@ def make_plan(
         lat_mask = latent_mask(generation_mask(mask, mask_dilation), LATENT_FACTOR)
         grid = plan_tiles(lat_mask.shape, tile_size, tile_overlap)
         plan.tiles = tiles_touching(grid, lat_mask)
-        plan.region = bounding_tile(plan.tiles)
+        plan.groups = group_tiles(plan.tiles)
+        plan.tiles = [t for group in plan.groups for t in group]
         plan.tile_size, plan.tile_overlap = tile_size, tile_overlap
         if method == "tiled":
             plan.stage2_steps = stage1_steps

@@ -67,6 +67,26 @@ def tiles_touching(tiles: list[Tile], latent_mask: np.ndarray) -> list[Tile]:
     return [t for t in tiles if latent_mask[t.slices].any()]
 
 
+def overlaps(a: Tile, b: Tile) -> bool:
+    return a.top < b.bottom and b.top < a.bottom and a.left < b.right and b.left < a.right
+
+
+def group_tiles(tiles: list[Tile]) -> list[list[Tile]]:
+    """Split tiles into groups that share no latent (connected by overlap).
+
+    Groups are fused and decoded independently, so two masks far apart cost two
+    small regions, not the box around both.
+    """
+    groups: list[list[Tile]] = []
+    for tile in tiles:
+        joined = [g for g in groups if any(overlaps(tile, t) for t in g)]
+        merged = [tile] + [t for g in joined for t in g]
+        groups = [g for g in groups if g not in joined] + [merged]
+    order = {t: i for i, t in enumerate(tiles)}
+    groups = [sorted(g, key=order.__getitem__) for g in groups]
+    return sorted(groups, key=lambda g: order[g[0]])
+
+
 def bounding_tile(tiles: list[Tile]) -> Tile:
     """The smallest box holding all tiles (the region stage 2 works in)."""
     top = min(t.top for t in tiles)

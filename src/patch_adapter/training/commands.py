@@ -38,6 +38,8 @@ def add_data_parser(subparsers) -> None:
 
 
 def run_train(args) -> int:
+    from accelerate import PartialState
+
     from .config import resolve_config
     from .trainer import train
 
@@ -45,7 +47,8 @@ def run_train(args) -> int:
                  "seed": args.seed, "resume": args.resume, "dca": args.dca}
     config = resolve_config(args.stage, args.config, overrides)
     result = train(config)
-    print(f"trained {result.steps} steps; weights: {result.weights}")
+    if PartialState().is_main_process:  # one line, not one per process under accelerate launch
+        print(f"trained {result.steps} steps; weights: {result.weights}")
     return 0
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    overfit_batches: int = 0  # debugging: repeat the first N micro-batches (same images, masks, noise, timesteps); 0 = off
     ema_decay: float = 0.0  # EMA of the adapter weights (0 = off; 0.999 is typical); exported weights are the EMA
 
     # --- memory and speed
@@ -84,7 +85,7 @@ class TrainConfig:
     log_steps: int = 1  # a train_log.jsonl line every this many steps
     checkpointing_steps: int = 500  # a checkpoint-N folder every this many steps (and at the end)
     checkpoints_total_limit: int = 3  # older checkpoint folders are deleted (0 = keep all)
-    validation_steps: int = 0  # validation inpaintings every this many steps (0 = only at the end)
+    validation_steps: int = 0  # validation inpaintings every this many steps (0 = only at the end, -1 = never)
     validation_prompt: str = ""  # prompt of the validation inpaint ("" = the first image's caption)
     validation_inference_steps: int = 20  # denoising steps of the validation inpaint
     report_to: str = "auto"  # "auto" (TensorBoard when installed), "tensorboard", "wandb" or "none"
@@ -110,6 +111,20 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("lr_warmup_steps", "checkpoints_total_limit", "dataloader_num_workers", "overfit_batches",
+                     "resolution", "bucket_step", "stage2_min_side", "reference_shift_pixels"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
+        for name in ("reference_blur", "reference_color", "reference_shift"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.validation_steps < -1:
+            raise ValueError(f"validation_steps must be -1 (never), 0 (at the end) or a step count, "
+                             f"got {self.validation_steps}")
+        if self.report_to not in ("auto", "tensorboard", "wandb", "none"):
+            raise ValueError(f"report_to must be auto, tensorboard, wandb or none, not {self.report_to!r}")
+        if self.dca and self.stage != "stage2":
+            raise ValueError("dca (a trained stage-1 file kept frozen) is for stage2 only")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,6 +179,8 @@ def _coerce(name: str, value):
         return value
     if kind is bool and not isinstance(value, bool):
         raise ValueError(f"config key {name} must be true or false, got {value!r}")
+    if kind is not bool and isinstance(value, bool):
+        raise ValueError(f"config key {name} must be a {kind.__name__}, got {value!r}")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML reads 1e-4 as a string
@@ -188,12 +205,13 @@ def resolve_config(stage: str, file: str | None = None, overrides: dict | None =
         for s, table in tables.items():
             if not isinstance(table, dict):
                 raise ValueError(f"config key {s} must be a table of keys for that stage")
+        for where, keys in [(file, data)] + [(f"{file} [{s}]", t) for s, t in tables.items()]:
+            unknown = sorted(set(keys) - set(FIELDS) - {"stage"})
+            if unknown:  # the other stage's table too: a typo there would wait for the next run
+                raise ValueError(f"unknown config key(s) in {where}: {', '.join(unknown)}")
         values.update(data)
         values.update(tables.get(stage, {}))
-        unknown = sorted(set(values) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"unknown config key(s) in {file}: {', '.join(unknown)}")
-        values = {k: _coerce(k, v) for k, v in values.items()}
+        values = {k: _coerce(k, v) for k, v in values.items() if k != "stage"}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values["stage"] = stage
     unknown = sorted(set(values) - set(FIELDS))

@@ -191,7 +191,9 @@ def read_sizes(report: ScanReport, decode: bool = False) -> ScanReport:
             else:
                 with PIL.Image.open(io.BytesIO(record.read_bytes())) as im:
                     record.width, record.height = im.size
-                    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
+                    # EXIF orientations that swap the sides; Pillow decodes a whole PNG to find its
+                    # EXIF, so PNGs (rarely rotated) keep their stored sides and the scan stays fast
+                    if im.format != "PNG" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                         record.width, record.height = im.height, im.width
         except UNREADABLE_ERRORS:
             report.unreadable.append(record.key)
@@ -321,11 +323,12 @@ class BatchStream:
     `start` is the data position: micro-batches this process has already consumed,
     so a resumed run continues with the exact next batch without replaying any.
     accelerate's `BatchSamplerShard` shards the same way; we keep it here because of
-    that exact, replay-free resume.
+    that exact, replay-free resume. `repeat` > 0 cycles through the first `repeat`
+    batches only (the `overfit_batches` debugging mode).
     """
 
     def __init__(self, groups: dict, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0,
-                 start: int = 0):
+                 start: int = 0, repeat: int = 0):
         self.groups = {b: list(v) for b, v in sorted(groups.items()) if v}
         if not self.groups:
             raise ValueError("no usable training images")
@@ -334,6 +337,7 @@ class BatchStream:
         self.num_processes = num_processes
         self.process_index = process_index
         self.start = start
+        self.repeat = repeat
 
     def epoch_batches(self, epoch: int) -> list:
         rng = np.random.default_rng([self.seed, 7, epoch])
@@ -355,7 +359,7 @@ class BatchStream:
             if batches is None:
                 batches = self.epoch_batches(0)
             per_epoch = len(batches) // self.num_processes
-            epoch, j = divmod(position, per_epoch)
+            epoch, j = divmod(position % self.repeat if self.repeat else position, per_epoch)
             if epoch != cache_epoch:
                 batches, cache_epoch = self.epoch_batches(epoch), epoch
             number = j * self.num_processes + self.process_index

@@ -54,25 +54,42 @@ def boxes(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 def large_area(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """More than half of the image: a big rectangle, a big blob, or all but a small box."""
+    """More than half of the image, never all of it: a big rectangle, a big blob, or all but a few boxes.
+
+    A blob that falls short is joined with a big rectangle; should the blob cover
+    everything, the rectangle alone is used (it always leaves a strip).
+    """
     choice = int(rng.integers(0, 3))
-    if choice == 0:
-        area = rng.uniform(0.55, 0.9)
-        aspect = rng.uniform(0.6, 1.6)
-        h = min(height, int(np.ceil(height * np.sqrt(area * aspect))))
-        w = min(width, int(np.ceil(width * area / (h / height))))
-        top = int(rng.integers(0, height - h + 1))
-        left = int(rng.integers(0, width - w + 1))
-        mask = np.zeros((height, width), dtype=bool)
-        mask[top:top + h, left:left + w] = True
-    elif choice == 1:
+    if choice == 1:
         mask = blob(rng, height, width, scale=rng.uniform(0.9, 1.2))
-    else:
-        mask = ~boxes(rng, height, width)
-    if mask.mean() <= 0.5:  # a blob or a complement can fall short: widen it with a centred band
-        band = int(np.ceil(height * (0.5 - mask.mean()))) + 1
-        top = int(rng.integers(0, height - min(band, height) + 1))
-        mask[top:top + band] = True
+        rectangle = _large_rectangle(rng, height, width)
+        if mask.mean() <= 0.5:
+            mask = mask | rectangle
+        return rectangle if mask.all() else mask
+    if choice == 2:
+        keep = np.zeros((height, width), dtype=bool)  # 1-3 kept boxes of at most 35% x 35%: under 37% in all
+        for _ in range(int(rng.integers(1, 4))):
+            h = max(1, int(height * rng.uniform(0.1, 0.35)))
+            w = max(1, int(width * rng.uniform(0.1, 0.35)))
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            keep[top:top + h, left:left + w] = True
+        return ~keep
+    return _large_rectangle(rng, height, width)
+
+
+def _large_rectangle(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A rectangle of 55-90% of the image at a random place; it never covers all of it."""
+    area = rng.uniform(0.55, 0.9)
+    aspect = rng.uniform(0.6, 1.6)
+    h = min(height, int(np.ceil(height * np.sqrt(area * aspect))))
+    w = min(width, int(np.ceil(width * area * height / h)))
+    if h == height and w == width:  # tiny images: rounding up filled it
+        w -= 1
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top:top + h, left:left + w] = True
     return mask
 
 

@@ -20,6 +20,10 @@ Stage 2: the degraded reference crop is recorded by a frozen UNet pass into a
 ReferenceBank, the Reference Patch Adapter attends to it, only its weights train;
 a stage-1 DCA file (``dca``) stays frozen.
 
+Train as the pipeline infers: the mask reaches the latent grid as the pipeline
+sends it there (stage 1: diffusers' nearest resize; stage 2: any coverage counts),
+the masked image is grey under the mask, and the SDXL time ids are the pipeline's.
+
 Randomness: every random draw of a micro-batch comes from a seed made of (seed,
 micro-batch number, process index), never from a carried stream, so resuming at a
 checkpoint continues exactly as the uninterrupted run would have.
@@ -27,9 +31,9 @@ checkpoint continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import logging
-import math
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -43,7 +47,6 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .data import BatchStream, TrainingData, collate, group_by_bucket, sample_seed, scan_dataset
 
-logger = logging.getLogger(__name__)
 
 EXPORT_NAMES = {"stage1": "dca.safetensors", "stage2": "rpa.safetensors"}
 COMBINED_NAME = "patch_adapter.safetensors"  # stage 2 with --dca: both adapters in one file
@@ -59,6 +62,7 @@ class TrainResult:
     losses: list = field(default_factory=list)  # mean loss of every optimizer step of this run
     skipped: list = field(default_factory=list)  # images left out or replaced because they could not be read
     too_small: list = field(default_factory=list)  # stage 2: images under the minimum side
+    pipeline: object = None  # the PatchAdapterPipeline holding the trained (not EMA) adapter, for inspection
 
 
 # --------------------------------------------------------------------------- state
@@ -125,23 +129,35 @@ def _nothing():
     yield
 
 
+@contextmanager
+def quiet_libraries():
+    """diffusers and transformers at error level while training, restored after.
+
+    Their warnings repeat every step (CLIP truncating captions over 77 tokens, as
+    SDXL was trained, is expected here) and would bury the progress bar.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before[0])
+        transformers_logging.set_verbosity(before[1])
+
+
 # --------------------------------------------------------------------------- pieces
 
 
 def trackers(config: TrainConfig):
     """accelerate `log_with`: TensorBoard when asked for, or 'auto' and installed."""
-    if config.report_to == "none":
-        return None
     if config.report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            try:
-                import tensorboardX  # noqa: F401
-            except ImportError:
-                return None
-        return "tensorboard"
-    return config.report_to
+        found = any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
+        return "tensorboard" if found else None
+    return None if config.report_to == "none" else config.report_to
 
 
 def freeze_backbone(pipe, kind: str) -> list[torch.nn.Parameter]:
@@ -170,6 +186,17 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
     pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
     return embeds, pooled
+
+
+def latent_mask(mask: torch.Tensor, stage: str, factor: int) -> torch.Tensor:
+    """(B, 1, H, W) pixel mask -> (B, 1, H/f, W/f), as the pipeline builds it for that stage.
+
+    Stage 1 runs diffusers' `prepare_mask_latents` (nearest resize); stage 2's
+    patches count a latent as masked if any pixel under it is (max pooling).
+    """
+    if stage == "stage1":
+        return F.interpolate(mask, size=(mask.shape[-2] // factor, mask.shape[-1] // factor))
+    return F.max_pool2d(mask, factor)
 
 
 def micro_time_ids(batch_size: int, height: int, width: int, device, dtype) -> torch.Tensor:
@@ -208,15 +235,18 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
 
     with torch.no_grad(), autocast():
         latents = pipe.encode(pixels)  # (B, 4, H/8, W/8), scaled
-        masked_latents = pipe.encode(pixels * (mask < 0.5))  # the masked image, as the pipeline builds it
-        # any coverage counts as masked on the latent grid, so no fill pixel leaks into the context
-        mask_latents = F.max_pool2d(mask, pipe.vae_scale_factor).to(latents.dtype)  # (B, 1, H/8, W/8)
+        masked_latents = pipe.encode(pixels * (mask < 0.5))  # grey under the mask, as the pipeline builds it
+        mask_latents = latent_mask(mask, config.stage, pipe.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         embeds, pooled = encode_captions(pipe, batch["caption"])
         time_ids = micro_time_ids(bsz, height, width, device, embeds.dtype)
 
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:  # epsilon, as SDXL-inpainting
+        target = noise
 
     attention_kwargs = {"dca_mask": mask_latents, "dca_scale": 1.0}
     if config.stage == "stage2":
@@ -230,7 +260,7 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
     prediction = unet(model_input, timesteps, encoder_hidden_states=embeds,
                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
                       cross_attention_kwargs=attention_kwargs, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), noise.float())
+    return F.mse_loss(prediction.float(), target.float())
 
 
 def find_checkpoint(output: Path, resume: str) -> Path | None:
@@ -263,24 +293,28 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def validation_inputs(records, config: TrainConfig, native: int):
-    """A fixed image, mask and prompt: the first record (stage 1 at its bucket size, stage 2 full size)."""
+def validation_inputs(dataset: TrainingData, config: TrainConfig, native: int):
+    """A fixed image, mask and prompt: the first readable record (stage 1 at native size, stage 2 full size)."""
     from ..planning import native_dims
     from .masks import boxes
 
-    image = np.asarray(records[0].open())
+    image, record, _ = dataset.load(0)
+    image = np.asarray(image)
     if config.stage == "stage1":
         import PIL.Image
 
         w, h = native_dims(image.shape[1], image.shape[0], config.resolution or native)
         image = np.asarray(PIL.Image.fromarray(image).resize((w, h), PIL.Image.Resampling.LANCZOS))
     mask = boxes(np.random.default_rng([config.seed, 17]), image.shape[0], image.shape[1])
-    return image, mask, config.validation_prompt or records[0].caption or ""
+    return image, mask, config.validation_prompt or record.caption or ""
 
 
 @torch.no_grad()
-def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> Path:
-    """Inpaint the validation image with the adapters being trained; write [input | result] as PNG."""
+def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> np.ndarray:
+    """Inpaint the validation image with the adapters being trained; write [input | result] as PNG.
+
+    Returns the panel (H, 2W, 3) uint8 for the trackers.
+    """
     import PIL.Image
 
     image, mask, prompt = inputs
@@ -297,12 +331,13 @@ def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> Path
     path = output / "validation" / f"step-{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     PIL.Image.fromarray(panel).save(path)
-    return path
+    return panel
 
 
 # --------------------------------------------------------------------------- train
 
 
+@quiet_libraries()
 def train(config: TrainConfig) -> TrainResult:
     """Train the adapter of `config.stage`; returns where the weights went and what happened."""
     from accelerate import Accelerator
@@ -329,6 +364,10 @@ def train(config: TrainConfig) -> TrainResult:
         log_with=trackers(config),
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:  # each process would train alone and overwrite the others' files
+        raise ValueError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
+                         "on CPUs, set ACCELERATE_USE_CPU=true (see docs/training.md)")
     set_seed(config.seed)  # only model construction could use it; every training draw is seeded explicitly
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -351,6 +390,9 @@ def train(config: TrainConfig) -> TrainResult:
         pipe.unet.enable_gradient_checkpointing()
     native = native_size(pipe.unet, pipe.vae_scale_factor)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    grid = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # the UNet halves its grid
+    if config.bucket_step % grid:
+        raise ValueError(f"bucket_step must be a multiple of {grid} px for this backbone, got {config.bucket_step}")
 
     # 3. Data
     min_side = (config.stage2_min_side or 2 * native) if config.stage == "stage2" else 0
@@ -403,18 +445,18 @@ def train(config: TrainConfig) -> TrainResult:
             accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:
         truncate_log(log_path, state.step) if config.resume else log_path.unlink(missing_ok=True)
-        if accelerator.trackers:
-            accelerator.init_trackers("patch-adapter", config={k: (v if isinstance(v, (int, float, str, bool))
-                                                                   else str(v)) for k, v in config.to_dict().items()})
+    if accelerator.log_with:
+        accelerator.init_trackers("patch-adapter", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                           for k, v in config.to_dict().items()})
     stream = BatchStream(groups, config.batch_size, config.seed, accelerator.num_processes,
-                         accelerator.process_index, start=state.data_position)
+                         accelerator.process_index, start=state.data_position, repeat=config.overfit_batches)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=stream, collate_fn=collate,
                                          num_workers=config.dataloader_num_workers,
                                          persistent_workers=config.dataloader_num_workers > 0)
-    validation = validation_inputs(report.records, config, native) if accelerator.is_main_process else None
+    validation = validation_inputs(dataset, config, native) if accelerator.is_main_process else None
 
     # 6. The loop
-    progress = tqdm(total=config.max_steps, initial=state.step, desc=f"train {config.stage}",
+    progress = tqdm(total=config.max_steps, initial=state.step, desc=f"train {config.stage}", unit="step",
                     disable=not accelerator.is_local_main_process)
     losses, step_losses = [], []
     tick, tick_step = time.perf_counter(), state.step
@@ -423,8 +465,8 @@ def train(config: TrainConfig) -> TrainResult:
     while state.step < config.max_steps:
         batch = next(data)
         state.skipped.update(batch["skipped"])
-        generator = torch.Generator().manual_seed(
-            sample_seed(config.seed, 13, state.data_position, accelerator.process_index))
+        position = state.data_position % config.overfit_batches if config.overfit_batches else state.data_position
+        generator = torch.Generator().manual_seed(sample_seed(config.seed, 13, position, accelerator.process_index))
         with accelerator.accumulate(unet):
             loss = training_loss(pipe, unet, noise_scheduler, batch, config, generator, accelerator.autocast)
             accelerator.backward(loss)
@@ -459,16 +501,21 @@ def train(config: TrainConfig) -> TrainResult:
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
 
         if state.step % config.checkpointing_steps == 0 or state.step == config.max_steps:
+            # every process's skipped images, so that a resume reports them all
+            state.skipped = set().union(*gather_object([sorted(state.skipped)]))
             if accelerator.is_main_process:
                 prune_checkpoints(output, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
             accelerator.save_state(str(output / f"checkpoint-{state.step}"))
 
-        if config.validation_steps >= 0 and accelerator.is_main_process and (
+        if accelerator.is_main_process and config.validation_steps >= 0 and (
                 (config.validation_steps and state.step % config.validation_steps == 0)
                 or state.step == config.max_steps):
             with (ema.applied() if ema is not None else _nothing()), accelerator.autocast():
-                validate(pipe, config, validation, state.step, output)
+                panel = validate(pipe, config, validation, state.step, output)
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image("validation", panel, state.step, dataformats="HWC")
     progress.close()
 
     # 7. Export (the EMA weights when EMA is on), report
@@ -493,4 +540,4 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.print(f"wrote {weights}")
     accelerator.end_training()
     return TrainResult(output=output, weights=weights, steps=state.step, losses=losses, skipped=skipped,
-                       too_small=list(report.too_small))
+                       too_small=list(report.too_small), pipeline=pipe)

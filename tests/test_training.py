@@ -1,0 +1,231 @@
+"""Training both adapters on the tiny backbone: learning, a frozen backbone, exact resume,
+the pipeline reading the result, the command line, and two processes through accelerate.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from patch_adapter.adapters import adapter_state_dict, install_adapters, read_manifest
+from patch_adapter.backbone import build_tiny_components
+from patch_adapter.cli import main
+from patch_adapter.pipeline import PatchAdapterPipeline
+from patch_adapter.training.config import resolve_config
+from patch_adapter.training.data import make_toy_dataset
+from patch_adapter.training.trainer import train
+
+KIND = {"stage1": "dca", "stage2": "rpa"}
+QUIET = dict(dataloader_num_workers=0, report_to="none", validation_steps=-1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: this 2-core machine runs the tiny models far slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(stage, data, output, **settings):
+    return train(resolve_config(stage, overrides=dict(data=str(data), output=str(output), **QUIET, **settings)))
+
+
+def memorise(stage, tmp_path_factory, **settings):
+    """Train on one fixed batch (image, mask, noise, timestep): the loss must fall if gradients reach the adapter.
+
+    With fresh noise every step the random-weight tiny backbone gives the adapters
+    little to learn from in a short run (about -7% in 60 steps); one repeated batch
+    is the classic check that the loop, the loss and the optimizer work together.
+    """
+    root = tmp_path_factory.mktemp(stage)
+    data = make_toy_dataset(root / "data", count=1, size=64 if stage == "stage1" else 256)
+    return run(stage, data, root / "out", overfit_batches=1, caption_dropout=0.0, lr_warmup_steps=0,
+               mask_mix={"box": 1.0}, seed=0, **settings)
+
+
+@pytest.fixture(scope="module")
+def trained_stage1(tmp_path_factory):
+    # 64 px buckets: the tiny UNet's cross-attention then spans a larger share of the output
+    return memorise("stage1", tmp_path_factory, max_steps=100, learning_rate=0.1, resolution=64)
+
+
+@pytest.fixture(scope="module")
+def trained_stage2(tmp_path_factory):
+    return memorise("stage2", tmp_path_factory, max_steps=80, learning_rate=0.03)
+
+
+def first_and_last(losses):
+    return float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_loss_falls_on_a_fixed_batch(stage, request):
+    result = request.getfixturevalue(f"trained_{stage}")
+    first, last = first_and_last(result.losses)
+    assert last < 0.7 * first, (first, last)
+    logged = [json.loads(line) for line in (result.output / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == result.losses
+    assert all(r["steps_per_s"] > 0 and r["lr"] > 0 for r in logged)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_backbone_stays_frozen_and_checkpoints_hold_only_the_adapter(stage, request):
+    result = request.getfixturevalue(f"trained_{stage}")
+    kind = KIND[stage]
+    fresh = build_tiny_components()  # deterministic: what the trainer started from
+    install_adapters(fresh["unet"])
+    initial = adapter_state_dict(fresh["unet"], [kind])
+    trained = result.pipeline
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        before, after = fresh[name].state_dict(), getattr(trained, name).state_dict()
+        frozen = set(before) - set(initial)  # the backbone, and the other stage's adapter
+        changed = sorted(k for k in frozen if not torch.equal(before[k], after[k]))
+        assert not changed, f"{name}: {changed[:3]}"
+    assert any(not torch.equal(initial[k], v) for k, v in adapter_state_dict(trained.unet, [kind]).items())
+
+    checkpoint = result.output / f"checkpoint-{result.steps}"
+    assert set(load_file(str(checkpoint / "adapter.safetensors"))) == set(initial)
+    weight_files = [p.name for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
+    assert sorted(weight_files) == ["adapter.safetensors", "optimizer.bin", "scheduler.bin"]
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    assert len(optimizer["state"]) == len(initial)  # Adam moments for the adapter's tensors only
+    assert read_manifest(result.weights)["adapters"] == [kind]
+    assert set(load_file(str(result.weights))) == set(initial)
+
+
+# --------------------------------------------------------------------------- the pipeline reads the result
+
+
+def inpaint(pipe, size):
+    image = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[size // 4: size // 2, size // 4: 3 * size // 4] = True
+    out = pipe(prompt="a red circle", image=image, mask_image=mask, num_inference_steps=3,
+               generator=torch.Generator().manual_seed(0)).arrays[0]
+    return out.astype(int), mask
+
+
+@pytest.mark.parametrize("stage, size", [("stage1", 128), ("stage2", 256)])
+def test_trained_adapter_loads_into_the_pipeline_and_changes_its_output(stage, size, request):
+    result = request.getfixturevalue(f"trained_{stage}")
+    plain = PatchAdapterPipeline.from_pretrained("tiny", device="cpu")
+    plain.set_progress_bar_config(disable=True)
+    adapted = PatchAdapterPipeline.from_pretrained("tiny", device="cpu", adapter=str(result.weights))
+    adapted.set_progress_bar_config(disable=True)
+    before, mask = inpaint(plain, size)
+    after, _ = inpaint(adapted, size)
+    assert np.abs(after - before)[mask].mean() > 1.0  # 8-bit levels
+    assert np.array_equal(after[~mask], before[~mask])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = make_toy_dataset(tmp_path / "data", count=3, size=(160, 128))
+    settings = dict(learning_rate=1e-3, lr_warmup_steps=4, ema_decay=0.9, gradient_accumulation_steps=2,
+                    checkpointing_steps=3, seed=5, resolution=64)
+    whole = run("stage1", data, tmp_path / "whole", max_steps=6, **settings)
+    run("stage1", data, tmp_path / "split", max_steps=3, **settings)
+    resumed = run("stage1", data, tmp_path / "split", max_steps=6, resume="latest", **settings)
+    assert resumed.steps == 6 and len(resumed.losses) == 3
+    assert resumed.losses == pytest.approx(whole.losses[3:], abs=1e-6)
+    for name in ("checkpoint-6/adapter.safetensors", "dca.safetensors"):  # raw weights, and the EMA export
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "split" / name))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
+    logs = [[json.loads(x)["loss"] for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+            for d in ("whole", "split")]
+    assert logs[1] == pytest.approx(logs[0], abs=1e-6)  # one line per step, none repeated
+
+
+# --------------------------------------------------------------------------- unreadable data
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
+    data = make_toy_dataset(tmp_path / "data", count=2, size=64, captions="sidecar")
+    (data / "broken.png").write_bytes(b"not an image at all")
+    good = (data / "scene_0000.png").read_bytes()
+    (data / "truncated.png").write_bytes(good[: len(good) // 2])
+    result = run("stage1", data, tmp_path / "out", max_steps=1, batch_size=3, resolution=64)
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["skipped_unreadable"] == 2
+    assert sorted(summary["skipped_files"]) == [str(data / "broken.png"), str(data / "truncated.png")]
+    assert result.skipped == summary["skipped_files"]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_trains_stage1_with_a_config_file_under_the_flags(tmp_path, capsys):
+    data = make_toy_dataset(tmp_path / "data", count=2, size=64)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "max_steps": 50, "learning_rate": 0.002, "lr_warmup_steps": 0, "resolution": 64,
+        "dataloader_num_workers": 0, "report_to": "none", "validation_inference_steps": 2,
+        "stage2": {"learning_rate": 0.5},  # another stage's table: not used here
+    }))
+    out = tmp_path / "out"
+    code = main(["train", "stage1", "--model", "tiny", "--data", str(data), "--output", str(out),
+                 "--max-steps", "2", "--seed", "3", "--config", str(config)])
+    assert code == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert read_manifest(out / "dca.safetensors")["adapters"] == ["dca"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]  # the flag won over the file's max_steps
+    assert all(set(r) == {"step", "loss", "lr", "steps_per_s"} and r["lr"] == 0.002 for r in log)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resolved["max_steps"], resolved["seed"], resolved["learning_rate"]) == (2, 3, 0.002)
+    assert (out / "validation" / "step-0000002.png").is_file()
+
+
+@pytest.mark.parametrize("text, key", [("learning_rat: 0.001\n", "learning_rat"),
+                                       ("stage2:\n  dca_scal: 1\n", "dca_scal")])
+def test_cli_rejects_an_unknown_config_key(tmp_path, capsys, text, key):
+    config = tmp_path / "train.yaml"
+    config.write_text(text)
+    code = main(["train", "stage1", "--data", str(tmp_path), "--output", str(tmp_path / "out"),
+                 "--config", str(config)])
+    assert code == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_accelerate_launch(tmp_path):
+    data = make_toy_dataset(tmp_path / "data", count=4, size=64)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"resolution": 64, **QUIET}))
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+               "-m", "patch_adapter.cli", "train", "stage1", "--model", "tiny", "--data", str(data),
+               "--output", str(out), "--max-steps", "2", "--seed", "0", "--config", str(config)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = out / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                            "random_states_1.pkl"]
+    assert (checkpoint / "adapter.safetensors").is_file() and (out / "dca.safetensors").is_file()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # written once, by the main process
+    assert done.stdout.count("trained 2 steps") == 1
