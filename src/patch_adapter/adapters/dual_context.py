@@ -58,9 +58,10 @@ class DualContextAttnProcessor(nn.Module):
 
     @classmethod
     def for_layer(cls, attn) -> "DualContextAttnProcessor":
-        proc = cls(attn.to_q.in_features, attn.to_q.out_features, bias=attn.to_q.bias is not None)
+        with torch.device(attn.to_q.weight.device):  # built where the layer is (also "meta", for FLOP counts)
+            proc = cls(attn.to_q.in_features, attn.to_q.out_features, bias=attn.to_q.bias is not None)
         proc.reset_parameters(attn)
-        return proc.to(device=attn.to_q.weight.device, dtype=attn.to_q.weight.dtype)
+        return proc.to(dtype=attn.to_q.weight.dtype)
 
     @torch.no_grad()
     def reset_parameters(self, attn) -> None:

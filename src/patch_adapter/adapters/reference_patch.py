@@ -72,9 +72,10 @@ class ReferencePatchAttnProcessor(nn.Module):
 
     @classmethod
     def for_layer(cls, attn, layer_name: str) -> "ReferencePatchAttnProcessor":
-        proc = cls(layer_name, attn.to_k.in_features, attn.to_k.out_features, bias=attn.to_k.bias is not None)
+        with torch.device(attn.to_k.weight.device):  # built where the layer is (also "meta", for FLOP counts)
+            proc = cls(layer_name, attn.to_k.in_features, attn.to_k.out_features, bias=attn.to_k.bias is not None)
         proc.reset_parameters(attn)
-        return proc.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+        return proc.to(dtype=attn.to_k.weight.dtype)
 
     @torch.no_grad()
     def reset_parameters(self, attn) -> None:
