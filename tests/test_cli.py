@@ -90,3 +90,14 @@ def test_installed_command_prints_the_plan_without_a_model(tmp_path):
     assert "image: 3840x2160 px" in proc.stdout and "UNet forwards:" in proc.stdout
     assert "patch 0:" in proc.stdout
     assert not list(tmp_path.glob("*inpainted*"))
+
+
+def test_demo_writes_results_and_sheet(tmp_path, capsys):
+    code = main(["demo", "-o", str(tmp_path / "demo"), "--size", "256", "--steps", "3", "--quiet", "--device", "cpu"])
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert names == ["comparison.png", "input.png", "patch-adapter.png", "resize.png", "tiled.png"]
+    sheet = load_image(tmp_path / "demo" / "comparison.png").pixels
+    assert sheet.shape[1] > 6 * 256  # input, mask, three results, truth side by side
+    out = capsys.readouterr().out
+    assert out.count("| 0 |") == 3  # no pixel outside the mask changed, for every method

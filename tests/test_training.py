@@ -220,7 +220,7 @@ def test_two_processes_through_accelerate_launch(tmp_path):
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                "-m", "patch_adapter.cli", "train", "stage1", "--model", "tiny", "--data", str(data),
                "--output", str(out), "--max-steps", "2", "--seed", "0", "--config", str(config)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = out / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
