@@ -24,5 +24,9 @@ test-all:
 bench:
 	$(PY) benchmarks/scaling.py
 
+# steps/s and peak memory of both training stages on the tiny backbone
+bench-train:
+	$(PY) benchmarks/train_speed.py
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

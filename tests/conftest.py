@@ -4,6 +4,10 @@ import torch
 
 from patch_adapter.pipeline import PatchAdapterPipeline
 
+# One thread per test process: `make test` runs two processes on two cores, and torch's
+# thread pools slow down by orders of magnitude when they oversubscribe the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_pipe():

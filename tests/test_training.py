@@ -4,6 +4,7 @@ the pipeline reading the result, the command line, and two processes through acc
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -220,12 +221,24 @@ def test_two_processes_through_accelerate_launch(tmp_path):
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                "-m", "patch_adapter.cli", "train", "stage1", "--model", "tiny", "--data", str(data),
                "--output", str(out), "--max-steps", "2", "--seed", "0", "--config", str(config)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # output to files, not pipes: workers that outlive a killed launcher would hold pipes open
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        launcher = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        try:
+            launcher.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            launcher.terminate()  # torch's launcher stops its workers on SIGTERM
+            try:
+                launcher.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(launcher.pid, signal.SIGKILL)
+            pytest.fail("two-process training did not finish in 180 s:\n"
+                        + (tmp_path / "stderr.txt").read_text()[-3000:])
+    assert launcher.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     checkpoint = out / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
                                                                             "random_states_1.pkl"]
     assert (checkpoint / "adapter.safetensors").is_file() and (out / "dca.safetensors").is_file()
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # written once, by the main process
-    assert done.stdout.count("trained 2 steps") == 1
+    assert (tmp_path / "stdout.txt").read_text().count("trained 2 steps") == 1

@@ -51,7 +51,7 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    overfit_batches: int = 0  # debugging: repeat the first N micro-batches (same images, masks, noise, timesteps); 0 = off
+    overfit_batches: int = 0  # debugging: repeat the first N micro-batches (images, masks, noise, timesteps); 0 = off
     ema_decay: float = 0.0  # EMA of the adapter weights (0 = off; 0.999 is typical); exported weights are the EMA
 
     # --- memory and speed

@@ -12,9 +12,10 @@ functions:
       6. the loop: loss, backward, step; log, checkpoint, validate
       7. export: <output>/dca.safetensors or rpa.safetensors, the summary
 
-Loss (METHOD.md, "Training"): the backbone's epsilon-prediction MSE with its
-9-channel input [noisy latents, mask, masked-image latents], random timesteps, the
-caption as prompt (dropped at random for classifier-free guidance).
+Loss (METHOD.md, "Training"): the backbone's noise-prediction MSE (epsilon for
+SDXL-inpainting, v for a v-prediction backbone) with its 9-channel input [noisy
+latents, mask, masked-image latents], random timesteps, the caption as prompt
+(dropped at random for classifier-free guidance).
 Stage 1: the Dual Context Adapter is on (``dca_mask``) and only its weights train.
 Stage 2: the degraded reference crop is recorded by a frozen UNet pass into a
 ReferenceBank, the Reference Patch Adapter attends to it, only its weights train;
@@ -321,7 +322,8 @@ def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> np.n
     was_training = pipe.unet.training
     pipe.unet.eval()
     try:
-        result = pipe(prompt=prompt, image=image, mask_image=mask, num_inference_steps=config.validation_inference_steps,
+        result = pipe(prompt=prompt, image=image, mask_image=mask,
+                      num_inference_steps=config.validation_inference_steps,
                       generator=torch.Generator().manual_seed(config.seed)).images[0]
     finally:
         pipe.unet.train(was_training)
@@ -538,6 +540,11 @@ def train(config: TrainConfig) -> TrainResult:
         if report.too_small:
             accelerator.print(f"left out {len(report.too_small)} image(s) smaller than {min_side} px (stage 2)")
         accelerator.print(f"wrote {weights}")
+    # the DDP wrapper must go before its process group does: freed after it, a process can hang
+    # at exit (seen in about one run in eight with two CPU processes on gloo)
+    accelerator.wait_for_everyone()
+    del unet, optimizer, lr_scheduler
+    accelerator.free_memory()
     accelerator.end_training()
     return TrainResult(output=output, weights=weights, steps=state.step, losses=losses, skipped=skipped,
                        too_small=list(report.too_small), pipeline=pipe)
