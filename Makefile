@@ -13,7 +13,8 @@ setup:
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
 
-# the suite (about N minutes on 2 cores); slow tests are left out, `make test-all` runs them
+# the suite on the tiny backbone, two processes (about 5 minutes on 2 cores; the direct
+# baseline at 4K takes most of it); tests marked slow are left out, `make test-all` runs them
 test:
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
