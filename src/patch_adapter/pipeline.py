@@ -27,6 +27,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .adapters import ReferenceBank, install_adapters, load_adapter, save_adapter
+from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype
 from .compositing import (
     composite,
@@ -281,6 +282,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         mask_threshold: float = 0.5,
         crop_margin: int | None = None,
         reference_timestep: int = 1,
+        patch_batch_size: int = 4,
         num_images_per_prompt: int = 1,
         return_dict: bool = True,
     ):
@@ -292,13 +294,16 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         tile_size/tile_overlap in pixels (default: native size and a quarter of it).
         mask_dilation: grow the region the model regenerates (px); mask_feather:
         blend the fill into the original over this many px *inside* the mask.
-        Pixels outside the mask are never changed.
+        Pixels outside the mask are never changed. patch_batch_size: stage-2 patches
+        per UNet call (more is faster where memory allows; results agree to float
+        rounding).
         """
         # 1. Check inputs
         loaded = as_loaded_image(image)
         mask = load_mask(mask_image, loaded, threshold=mask_threshold)
         self.check_call_inputs(method, num_inference_steps, refine_steps, strength, refine_strength,
-                               tile_size, tile_overlap, mask_dilation, mask_feather, num_images_per_prompt)
+                               tile_size, tile_overlap, mask_dilation, mask_feather, num_images_per_prompt,
+                               patch_batch_size)
         plan = self._plan(loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
                           guidance_scale, rpa_scale, tile_size, tile_overlap, mask_dilation, crop_margin)
         if plan.empty_mask:
@@ -315,7 +320,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         for _ in range(num_images_per_prompt):
             fills = self._run_method(plan, loaded, mask, text, generator, num_inference_steps, strength,
                                      refine_steps or num_inference_steps, refine_strength, dca_scale,
-                                     rpa_scale, mask_dilation, reference_timestep)
+                                     rpa_scale, mask_dilation, reference_timestep, patch_batch_size)
             # 4. Composite inside the mask only
             result = loaded.pixels
             for fill, (top, left, bottom, right) in fills:
@@ -328,7 +333,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         return self._output(arrays, plan, return_dict)
 
     def check_call_inputs(self, method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
-                          mask_dilation, mask_feather, num_images):
+                          mask_dilation, mask_feather, num_images, patch_batch_size=1):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if steps < 1 or (refine_steps is not None and refine_steps < 1):
@@ -349,6 +354,8 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             raise ValueError("mask_dilation and mask_feather are pixel counts and cannot be negative")
         if num_images < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
+        if patch_batch_size < 1:
+            raise ValueError("patch_batch_size must be at least 1")
 
     def _output(self, arrays, plan, return_dict):
         images = [PIL.Image.fromarray(a if a.dtype == np.uint8 else from_unit_float(to_unit_float(a), np.uint8))
@@ -358,7 +365,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         return PatchAdapterPipelineOutput(images=images, arrays=arrays, plan=plan)
 
     def _run_method(self, plan, loaded, mask, text, generator, steps, strength, refine_steps, refine_strength,
-                    dca_scale, rpa_scale, mask_dilation, reference_timestep):
+                    dca_scale, rpa_scale, mask_dilation, reference_timestep, patch_batch_size):
         """The fills: a list of (pixels (h, w, 3) in [0, 1], box (top, left, bottom, right))."""
         method = plan.method
         pixels = loaded.pixels
@@ -393,7 +400,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
                 steps=refine_steps if method != "tiled" else steps,
                 strength=refine_strength if method != "tiled" else strength,
                 dca_scale=use_dca, rpa_scale=rpa_scale if method == "patch-adapter" else 0.0,
-                reference_timestep=reference_timestep,
+                reference_timestep=reference_timestep, patch_batch_size=patch_batch_size,
             ))
         return fills
 
@@ -422,15 +429,20 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         return ids.to(self._execution_device)
 
     def predict_noise(self, latents, t, mask, masked_latents, text, time_ids, attention_kwargs):
-        """Guided noise prediction for latents already scaled by the scheduler."""
+        """Guided noise prediction for a batch of latents already scaled by the scheduler.
+
+        latents (k, 4, h, w); mask and masked latents with batch k or 1; text and
+        time_ids with one row per guidance half, shared by the k items.
+        """
+        batch = latents.shape[0]
         model_input = torch.cat([latents] * 2) if text.guided else latents
-        if mask.shape[0] != model_input.shape[0]:
-            mask = mask.expand(model_input.shape[0], -1, -1, -1)
-            masked_latents = masked_latents.expand(model_input.shape[0], -1, -1, -1)
-        model_input = torch.cat([model_input, mask, masked_latents], dim=1)
+        full = model_input.shape[0]
+        model_input = torch.cat([model_input, repeat_to_batch(mask, full), repeat_to_batch(masked_latents, full)],
+                                dim=1)
         noise = self.unet(
-            model_input, t, encoder_hidden_states=text.embeds,
-            added_cond_kwargs={"text_embeds": text.pooled, "time_ids": time_ids},
+            model_input, t, encoder_hidden_states=text.embeds.repeat_interleave(batch, dim=0),
+            added_cond_kwargs={"text_embeds": text.pooled.repeat_interleave(batch, dim=0),
+                               "time_ids": time_ids.repeat_interleave(batch, dim=0)},
             cross_attention_kwargs=attention_kwargs, return_dict=False,
         )[0]
         if text.guided:
@@ -536,7 +548,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
     # ------------------------------------------------------------------ stage 2
 
     def _refine_patches(self, tiles, overlap, pixels, gen_mask, reference, text, generator, steps, strength,
-                        dca_scale, rpa_scale, reference_timestep):
+                        dca_scale, rpa_scale, reference_timestep, patch_batch_size=1):
         """Denoise overlapping patches in lock step; returns (pixels (h, w, 3) in [0, 1], box).
 
         tiles: one group of the plan (canvas latent coordinates); box: the pixels the
@@ -582,24 +594,30 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         windows = [tile_window(t, canvas, overlap) for t in tiles]
         tiles = [t.shifted(-region.top, -region.left) for t in tiles]
         fusion = TileFusion(tuple(latents.shape), windows, tiles)
-        banks = [None] * len(tiles)
+        # patches run `patch_batch_size` at a time (all tiles of a group have one size, see plan_tiles)
+        batches = [tiles[i: i + patch_batch_size] for i in range(0, len(tiles), patch_batch_size)]
+
+        def stacked(tensor, batch):  # (k, C, h, w): the batch's patches of a region tensor
+            return torch.cat([tensor[(..., *tile.slices)] for tile in batch])
+
+        banks = [None] * len(batches)
         if rpa_scale != 0 and reference is not None:
-            for i, tile in enumerate(self._progress(tiles, "reference patches")):
-                banks[i] = self.record_reference(base_latents[(..., *tile.slices)], text, reference_timestep)
-        time_ids = {(t.height, t.width): self.time_ids(t.height * factor, t.width * factor, text) for t in tiles}
+            for i, batch in enumerate(self._progress(batches, "reference patches")):
+                banks[i] = self.record_reference(stacked(base_latents, batch), text, reference_timestep)
+        time_ids = self.time_ids(tiles[0].height * factor, tiles[0].width * factor, text)
 
         # denoise all patches in lock step; fuse noise predictions, then one scheduler step
         bar = self._progress(None, f"stage 2 ({len(tiles)} patches)", total=len(timesteps) * len(tiles))
         for i, t in enumerate(timesteps):
             model_latents = self.scheduler.scale_model_input(latents, t)
             predictions = []
-            for tile, bank in zip(tiles, banks):
-                s = (..., *tile.slices)
-                attention_kwargs = {"dca_mask": mask_latents[s], "dca_scale": dca_scale,
+            for batch, bank in zip(batches, banks):
+                attention_kwargs = {"dca_mask": stacked(mask_latents, batch), "dca_scale": dca_scale,
                                     "rpa_bank": bank, "rpa_scale": rpa_scale}
-                predictions.append(self.predict_noise(model_latents[s], t, mask_latents[s], masked_latents[s], text,
-                                                      time_ids[(tile.height, tile.width)], attention_kwargs))
-                bar.update()
+                noise = self.predict_noise(stacked(model_latents, batch), t, stacked(mask_latents, batch),
+                                           stacked(masked_latents, batch), text, time_ids, attention_kwargs)
+                predictions.extend(noise.split(1))
+                bar.update(len(batch))
                 bar.set_postfix_str(f"step {i + 1}/{len(timesteps)}")
             noise_pred = fusion.fuse(predictions)
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]

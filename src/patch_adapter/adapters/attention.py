@@ -12,17 +12,31 @@ import torch
 import torch.nn.functional as F
 
 
+def repeat_to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x with batch b (1 or a divisor of `batch`) as `batch` items: x, x, ... in order.
+
+    Classifier-free guidance runs a batch of patches as [uncond p1..pk, cond p1..pk],
+    so per-patch inputs (masks, reference tokens) repeat whole, not item by item.
+    """
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    if batch % x.shape[0]:
+        raise ValueError(f"a batch of {x.shape[0]} cannot be repeated to {batch}")
+    return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))
+
+
 def multihead_attention(query, key, value, heads: int, attention_mask=None):
     """Scaled dot-product attention over `heads` heads.
 
-    query (B, N, D), key/value (B or 1, M, D) -> (B, N, D). Keys and values with batch 1
-    are shared by every query in the batch (a reference or a context for both halves
-    of classifier-free guidance).
+    query (B, N, D), key/value (b, M, D) -> (B, N, D), with b = B, 1, or a divisor of B
+    (see `repeat_to_batch`): a reference or a context shared by both halves of
+    classifier-free guidance.
     """
     batch = query.shape[0]
-    if key.shape[0] != batch:
-        key = key.expand(batch, -1, -1)
-        value = value.expand(batch, -1, -1)
+    key = repeat_to_batch(key, batch)
+    value = repeat_to_batch(value, batch)
     head_dim = key.shape[-1] // heads
     q = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     k = key.reshape(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, M, d)

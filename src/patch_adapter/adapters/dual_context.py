@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionCall, multihead_attention
+from .attention import AttentionCall, multihead_attention, repeat_to_batch
 
 
 def token_mask(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ class DualContextAttnProcessor(nn.Module):
         query, key, value, z = call.frozen_attention()  # z: (B, N, inner)
         if dca_mask is not None and dca_scale != 0:
             tokens = call.hidden_states  # (B, N, C)
-            m = token_mask(dca_mask.to(tokens.dtype), tokens.shape[1])  # (B or 1, N, 1)
+            m = repeat_to_batch(token_mask(dca_mask.to(tokens.dtype), tokens.shape[1]), tokens.shape[0])  # (B, N, 1)
             z_ctx = multihead_attention(self.to_q_ctx(tokens * (1 - m)), key, value, attn.heads, call.attention_mask)
             z_dual = multihead_attention(query, self.to_k_ctx(z_ctx), self.to_v_ctx(z_ctx), attn.heads)
             z = z + dca_scale * z_dual

@@ -46,6 +46,13 @@ class ReferenceBank:
         finally:
             self.recording = False
 
+    @classmethod
+    def stack(cls, banks: list["ReferenceBank"]) -> "ReferenceBank":
+        """One bank for a batch of patches: each layer's tokens concatenated in batch order."""
+        stacked = cls()
+        stacked.features = {name: torch.cat([b.features[name] for b in banks]) for name in banks[0].features}
+        return stacked
+
     def to(self, device) -> "ReferenceBank":
         self.features = {k: v.to(device) for k, v in self.features.items()}
         return self
@@ -107,7 +114,7 @@ class ReferencePatchAttnProcessor(nn.Module):
         query, _, _, z = call.frozen_attention()  # z: (B, N, inner)
         if rpa_bank is not None and not rpa_bank.recording and rpa_scale != 0:
             try:
-                ref = rpa_bank.features[self.layer_name]  # (1 or B, M, C)
+                ref = rpa_bank.features[self.layer_name]  # (b, M, C), b dividing B
             except KeyError:
                 raise KeyError(f"the reference bank has no tokens for layer {self.layer_name}") from None
             z_ref = multihead_attention(query, self.to_k_ref(ref), self.to_v_ref(ref), attn.heads)
