@@ -103,7 +103,6 @@ def unet_tflop(unet, latent_hw, batch: int, attention_kwargs=None) -> float:
 
 def sdxl_flops(side: int = 4096, mask_side: int = 1024, steps: int = 30, refine_strength: float = 0.6) -> list[dict]:
     """UNet TFLOPs of one side x side inpaint per method, with SDXL-inpainting's architecture."""
-    import numpy as np
     import torch
     from diffusers import UNet2DConditionModel
 

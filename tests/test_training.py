@@ -27,15 +27,6 @@ KIND = {"stage1": "dca", "stage2": "rpa"}
 QUIET = dict(dataloader_num_workers=0, report_to="none", validation_steps=-1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: this 2-core machine runs the tiny models far slower with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(stage, data, output, **settings):
     return train(resolve_config(stage, overrides=dict(data=str(data), output=str(output), **QUIET, **settings)))
 

@@ -31,15 +31,6 @@ from patch_adapter.training.data import (
 NATIVE = 128  # the tiny backbone's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: this 2-core machine runs the tiny models far slower with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def png_bytes(pixels):
     buffer = io.BytesIO()
     PIL.Image.fromarray(pixels).save(buffer, format="PNG")

@@ -41,16 +41,21 @@ def brush_strokes(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return np.asarray(canvas) > 0
 
 
-def boxes(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """1-3 axis-aligned rectangles of 10-50% of each side."""
+def random_boxes(rng: np.random.Generator, height: int, width: int, largest: float) -> np.ndarray:
+    """1-3 axis-aligned rectangles, each side 10% to `largest` of the image's."""
     mask = np.zeros((height, width), dtype=bool)
     for _ in range(int(rng.integers(1, 4))):
-        h = max(1, int(height * rng.uniform(0.1, 0.5)))
-        w = max(1, int(width * rng.uniform(0.1, 0.5)))
+        h = max(1, int(height * rng.uniform(0.1, largest)))
+        w = max(1, int(width * rng.uniform(0.1, largest)))
         top = int(rng.integers(0, height - h + 1))
         left = int(rng.integers(0, width - w + 1))
         mask[top:top + h, left:left + w] = True
     return mask
+
+
+def boxes(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """1-3 axis-aligned rectangles of 10-50% of each side."""
+    return random_boxes(rng, height, width, largest=0.5)
 
 
 def large_area(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -67,14 +72,7 @@ def large_area(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
             mask = mask | rectangle
         return rectangle if mask.all() else mask
     if choice == 2:
-        keep = np.zeros((height, width), dtype=bool)  # 1-3 kept boxes of at most 35% x 35%: under 37% in all
-        for _ in range(int(rng.integers(1, 4))):
-            h = max(1, int(height * rng.uniform(0.1, 0.35)))
-            w = max(1, int(width * rng.uniform(0.1, 0.35)))
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            keep[top:top + h, left:left + w] = True
-        return ~keep
+        return ~random_boxes(rng, height, width, largest=0.35)  # 1-3 kept boxes of at most 35% x 35%: under 37%
     return _large_rectangle(rng, height, width)
 
 
