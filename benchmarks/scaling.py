@@ -170,7 +170,7 @@ def main() -> None:
     print(f"\nTiny backbone on this CPU, {steps} steps (patches: refine strength 0.6), guidance on; "
           f"each case in a fresh process")
     print("\nFixed 512x512 mask, growing image:")
-    print("| image | method | patches | UNet forwards | seconds | peak RSS MB (after model load) |\n"
+    print("| image | method | patches | UNet forwards | seconds | peak RSS MB (before the call) |\n"
           "| --- | --- | ---: | ---: | ---: | ---: |")
     figures["sizes"] = []
     for name, side in sizes.items():
@@ -180,7 +180,7 @@ def main() -> None:
             print(f"| {name} | {method} | {r['patches']} | {r['unet_forwards']} | {r['seconds']:.1f} | "
                   f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f}) |", flush=True)
     print("\n4096x4096 image, growing mask:")
-    print("| mask area | method | patches | UNet forwards | seconds | peak RSS MB (after model load) |\n"
+    print("| mask area | method | patches | UNet forwards | seconds | peak RSS MB (before the call) |\n"
           "| --- | --- | ---: | ---: | ---: | ---: |")
     figures["areas"] = []
     for area in areas:
