@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time notes about torchvision
+
 import numpy as np
 import pytest
 import torch
