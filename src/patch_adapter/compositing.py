@@ -106,12 +106,17 @@ def composite(original: np.ndarray, fill: np.ndarray, mask: np.ndarray, alpha: n
     original: (H, W, C) uint8/uint16. fill: (h, w, C) float in [0, 1], placed at
     `offset` (top, left); mask/alpha: (h, w) for that same window. Returns a new array.
     """
-    out = original.copy()
+    return composite_into(original.copy(), fill, mask, alpha, offset)
+
+
+def composite_into(out: np.ndarray, fill: np.ndarray, mask: np.ndarray, alpha: np.ndarray | None = None,
+                   offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """`composite` in place: several fills into one copy of a large image."""
     top, left = offset
     h, w = mask.shape
     window = out[top: top + h, left: left + w]
     if alpha is None:
         alpha = mask.astype(np.float32)
     blended = alpha[..., None] * fill + (1 - alpha[..., None]) * to_unit_float(window)
-    window[mask] = from_unit_float(blended, original.dtype)[mask]
+    window[mask] = from_unit_float(blended, out.dtype)[mask]
     return out

@@ -30,7 +30,7 @@ from .adapters import ReferenceBank, install_adapters, load_adapter, save_adapte
 from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype
 from .compositing import (
-    composite,
+    composite_into,
     feather_alpha,
     from_unit_float,
     resize_mask_any,
@@ -322,11 +322,10 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
                                      refine_steps or num_inference_steps, refine_strength, dca_scale,
                                      rpa_scale, mask_dilation, reference_timestep, patch_batch_size)
             # 4. Composite inside the mask only
-            result = loaded.pixels
+            result = loaded.pixels.copy()
             for fill, (top, left, bottom, right) in fills:
                 window = mask[top:bottom, left:right]
-                alpha = feather_alpha(window, mask_feather)
-                result = composite(result, fill, window, alpha, offset=(top, left))
+                composite_into(result, fill, window, feather_alpha(window, mask_feather), offset=(top, left))
             arrays.append(result)
 
         self.maybe_free_model_hooks()
