@@ -167,3 +167,16 @@ def test_plan_regions_follow_the_masks_not_the_box_around_them():
     area = sum(r.height * r.width for r in plan.regions)  # latents encoded and decoded
     assert len(plan.regions) == 2 and area < 0.02 * 512 * 512
     assert "patch region" in plan.describe()
+
+
+def test_feather_in_a_tight_box_equals_feather_of_the_whole_mask():
+    from patch_adapter.compositing import feather_alpha_at
+
+    mask = np.zeros((120, 160), dtype=bool)
+    mask[30:70, 40:100] = True
+    mask[0:20, 150:160] = True  # touching the image border: no ramp there
+    whole = feather_alpha(mask, 5)
+    for box in ((30, 40, 70, 100), (0, 150, 20, 160), (25, 35, 75, 105)):
+        top, left, bottom, right = box
+        np.testing.assert_array_equal(feather_alpha_at(mask, box, 5), whole[top:bottom, left:right])
+    assert whole[30, 60] < 0.5 and whole[50, 70] == 1.0 and whole[0, 159] > 0.8

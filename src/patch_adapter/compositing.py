@@ -88,6 +88,20 @@ def feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
     return np.where(mask, alpha, 0.0).astype(np.float32)
 
 
+def feather_alpha_at(mask: np.ndarray, box: tuple[int, int, int, int], feather: int) -> np.ndarray:
+    """`feather_alpha` of the full-image `mask`, evaluated in `box` (top, left, bottom, right) only.
+
+    The box is widened by 2 x feather for the computation, so a box cut tight around
+    the mask still sees the unmasked pixels beyond it; the image border is no edge.
+    """
+    top, left, bottom, right = box
+    height, width = mask.shape
+    t, l = max(0, top - 2 * feather), max(0, left - 2 * feather)
+    b, r = min(height, bottom + 2 * feather), min(width, right + 2 * feather)
+    alpha = feather_alpha(mask[t:b, l:r], feather)
+    return alpha[top - t: bottom - t, left - l: right - l]
+
+
 def to_unit_float(pixels: np.ndarray) -> np.ndarray:
     """uint8/uint16 -> float32 in [0, 1]."""
     return pixels.astype(np.float32) / np.float32(np.iinfo(pixels.dtype).max)

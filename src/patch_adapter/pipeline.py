@@ -31,8 +31,9 @@ from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype
 from .compositing import (
     composite_into,
-    feather_alpha,
+    feather_alpha_at,
     from_unit_float,
+    mask_bbox,
     resize_mask_any,
     to_unit_float,
 )
@@ -324,8 +325,8 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             # 4. Composite inside the mask only
             result = loaded.pixels.copy()
             for fill, (top, left, bottom, right) in fills:
-                window = mask[top:bottom, left:right]
-                composite_into(result, fill, window, feather_alpha(window, mask_feather), offset=(top, left))
+                alpha = feather_alpha_at(mask, (top, left, bottom, right), mask_feather)
+                composite_into(result, fill, mask[top:bottom, left:right], alpha, offset=(top, left))
             arrays.append(result)
 
         self.maybe_free_model_hooks()
@@ -378,13 +379,16 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             size = plan.stage1_size
             box_pixels = pixels[top:bottom, left:right]
             box_mask = gen_mask[top:bottom, left:right]
+            # only the mask's bounding box is returned: an 8K upscale is never held in float
+            m_top, m_left, m_bottom, m_right = mask_bbox(box_mask)
+            fill_box = (top + m_top, left + m_left, top + m_bottom, left + m_right)
             if size == padded_dims(right - left, bottom - top):
                 fill = self._inpaint_padded(to_unit_float(box_pixels), box_mask, text, generator, steps, strength,
                                             use_dca)
-            else:
-                low = self._stage1_at(box_pixels, box_mask, size, text, generator, steps, strength, use_dca)
-                fill = sample_region(low, (bottom - top, right - left), (0, 0, bottom - top, right - left))
-            return [(fill, plan.stage1_box)]
+                return [(fill[m_top:m_bottom, m_left:m_right], fill_box)]
+            low = self._stage1_at(box_pixels, box_mask, size, text, generator, steps, strength, use_dca)
+            fill = sample_region(low, (bottom - top, right - left), (m_top, m_left, m_bottom, m_right))
+            return [(fill, fill_box)]
 
         reference = None
         if plan.stage1_size is not None:
