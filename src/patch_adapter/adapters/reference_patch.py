@@ -46,13 +46,6 @@ class ReferenceBank:
         finally:
             self.recording = False
 
-    @classmethod
-    def stack(cls, banks: list["ReferenceBank"]) -> "ReferenceBank":
-        """One bank for a batch of patches: each layer's tokens concatenated in batch order."""
-        stacked = cls()
-        stacked.features = {name: torch.cat([b.features[name] for b in banks]) for name in banks[0].features}
-        return stacked
-
     def to(self, device) -> "ReferenceBank":
         self.features = {k: v.to(device) for k, v in self.features.items()}
         return self
