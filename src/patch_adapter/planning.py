@@ -74,11 +74,15 @@ class InpaintPlan:
     stage1_steps: int = 0
     tile_size: int = 0  # latents
     tile_overlap: int = 0  # latents
-    tiles: list[Tile] = field(default_factory=list)  # canvas latent coordinates
     groups: list[list[Tile]] = field(default_factory=list)  # tiles that overlap, fused and decoded together
     stage2_steps: int = 0
     reference_passes: int = 0
     guidance: bool = True  # classifier-free guidance doubles the batch of each forward
+
+    @property
+    def tiles(self) -> list[Tile]:
+        """Every patch (canvas latent coordinates), group by group."""
+        return [tile for group in self.groups for tile in group]
 
     @property
     def regions(self) -> list[Tile]:
@@ -197,9 +201,7 @@ def make_plan(
     if method in TILED_METHODS:
         lat_mask = latent_mask(generation_mask(mask, mask_dilation), LATENT_FACTOR)
         grid = plan_tiles(lat_mask.shape, tile_size, tile_overlap)
-        plan.tiles = tiles_touching(grid, lat_mask)
-        plan.groups = group_tiles(plan.tiles)
-        plan.tiles = [t for group in plan.groups for t in group]
+        plan.groups = group_tiles(tiles_touching(grid, lat_mask))
         plan.tile_size, plan.tile_overlap = tile_size, tile_overlap
         if method == "tiled":
             plan.stage2_steps = stage1_steps
