@@ -189,7 +189,7 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     return embeds, pooled
 
 
-def latent_mask(mask: torch.Tensor, stage: str, factor: int) -> torch.Tensor:
+def stage_latent_mask(mask: torch.Tensor, stage: str, factor: int) -> torch.Tensor:
     """(B, 1, H, W) pixel mask -> (B, 1, H/f, W/f), as the pipeline builds it for that stage.
 
     Stage 1 runs diffusers' `prepare_mask_latents` (nearest resize); stage 2's
@@ -237,7 +237,7 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
     with torch.no_grad(), autocast():
         latents = pipe.encode(pixels)  # (B, 4, H/8, W/8), scaled
         masked_latents = pipe.encode(pixels * (mask < 0.5))  # grey under the mask, as the pipeline builds it
-        mask_latents = latent_mask(mask, config.stage, pipe.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
+        mask_latents = stage_latent_mask(mask, config.stage, pipe.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         embeds, pooled = encode_captions(pipe, batch["caption"])
         time_ids = micro_time_ids(bsz, height, width, device, embeds.dtype)
 
