@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup test test-all bench bench-train clean
+.PHONY: setup test test-all bench bench-train train-tiny quality clean
 
 # .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools
 setup:
@@ -28,6 +28,17 @@ bench:
 # steps/s and peak memory of both training stages on the tiny backbone
 bench-train:
 	$(PY) benchmarks/train_speed.py
+
+# issue 5: train the tiny backbone (VAE, text encoders, UNet) and both adapters from scratch on
+# procedural scenes, into src/patch_adapter/tiny_weights (about 70 minutes on 2 cores; build/tiny
+# holds the intermediate steps, and a rerun continues from them)
+train-tiny:
+	$(PY) -m patch_adapter.training.tiny_backbone --work build/tiny --output src/patch_adapter/tiny_weights
+
+# issue 5's quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
+quality:
+	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 512x512 --json build/quality/q512.json
+	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --json build/quality/q1024.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -26,9 +27,9 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpain
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .adapters import ReferenceBank, install_adapters, load_adapter, save_adapter
+from .adapters import BUNDLED_ADAPTER_FILE, ReferenceBank, install_adapters, load_adapter, save_adapter
 from .adapters.attention import repeat_to_batch
-from .backbone import load_backbone, native_size, resolve_device, resolve_dtype
+from .backbone import load_backbone, native_size, resolve_device, resolve_dtype, tiny_weights_dir
 from .compositing import (
     composite_into,
     feather_alpha_at,
@@ -116,6 +117,13 @@ def pad_to_multiple(pixels: np.ndarray, mask: np.ndarray, height: int, width: in
     return pixels, mask
 
 
+def bundled_adapter(source: str) -> Path | None:
+    """The adapter file a backbone folder ships, if any."""
+    folder = tiny_weights_dir() if str(source) == "tiny" else Path(str(source)).expanduser()
+    path = folder / BUNDLED_ADAPTER_FILE
+    return path if path.is_file() else None
+
+
 class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
     """Text-guided inpainting of images of any size with Patch-Adapter (ICCV 2025)."""
 
@@ -164,8 +172,10 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         device: "auto" (cuda, mps, cpu), or any torch device. dtype: fp32 (default),
         fp16 or bf16. cpu_offload: keep each model on the CPU until it runs
         (diffusers' model offload; needs accelerate and a GPU). adapter: a
-        Patch-Adapter .safetensors file to load. local_files_only: never reach the
-        hub (default: the HF_HUB_OFFLINE environment variable).
+        Patch-Adapter .safetensors file to load; by default the one a diffusers
+        folder ships (``patch_adapter.safetensors`` beside ``model_index.json``, as
+        the trained tiny backbone does); False loads none. local_files_only: never
+        reach the hub (default: the HF_HUB_OFFLINE environment variable).
         """
         dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
         components = load_backbone(source, torch_dtype=dtype, config=config, variant=variant,
@@ -174,7 +184,9 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         pipe.backbone_name = str(source)
         if scheduler:
             pipe.set_scheduler(scheduler)
-        if adapter is not None:
+        if adapter is None:
+            adapter = bundled_adapter(source)
+        if adapter:
             pipe.load_adapter(adapter)
         device = resolve_device(device)
         if cpu_offload and device.type != "cpu":

@@ -4,6 +4,7 @@ from .dual_context import DualContextAttnProcessor, token_mask
 from .reference_patch import ReferenceBank, ReferencePatchAttnProcessor
 from .weights import (
     ADAPTER_KINDS,
+    BUNDLED_ADAPTER_FILE,
     AdapterLoadError,
     adapter_parameters,
     adapter_processors,
@@ -17,6 +18,7 @@ from .weights import (
 
 __all__ = [
     "ADAPTER_KINDS",
+    "BUNDLED_ADAPTER_FILE",
     "AdapterLoadError",
     "DualContextAttnProcessor",
     "ReferenceBank",

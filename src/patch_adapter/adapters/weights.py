@@ -22,6 +22,8 @@ from .reference_patch import ReferencePatchAttnProcessor
 FORMAT_NAME = "patch-adapter"
 FORMAT_VERSION = 1
 ADAPTER_KINDS = ("dca", "rpa")
+BUNDLED_ADAPTER_FILE = "patch_adapter.safetensors"
+"""A diffusers folder that holds this file ships its adapters: from_pretrained loads them."""
 PROCESSOR_CLASSES = {"dca": DualContextAttnProcessor, "rpa": ReferencePatchAttnProcessor}
 
 

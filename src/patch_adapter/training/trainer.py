@@ -174,9 +174,10 @@ def freeze_backbone(pipe, kind: str) -> list[torch.nn.Parameter]:
     return params
 
 
-@torch.no_grad()
 def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 77, D) token features and (B, P) pooled embeddings of the captions.
+
+    Differentiable: the tiny backbone's recipe trains its text encoders through it.
 
     An empty caption (dropped for classifier-free guidance) becomes zeros, which is
     what the pipeline uses for its unconditional half (force_zeros_for_empty_prompt).
