@@ -36,9 +36,14 @@ train-tiny:
 	$(PY) -m patch_adapter.training.tiny_backbone --work build/tiny --output src/patch_adapter/tiny_weights
 
 # issue 5's quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
+# (about 12 + 30 minutes on 2 cores)
 quality:
-	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 512x512 --json build/quality/q512.json
-	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --json build/quality/q1024.json
+	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 512x512 --steps 10 --workers 2 --json build/quality/q512.json
+	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json \
+		--methods patch-adapter,resize,crop,tiled,two-stage,no-dca,no-rpa
+	$(PY) benchmarks/quality.py --seed 0 --count 60 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json \
+		--methods direct  # 22 s a task at 1024x1024: 60 tasks, not 200
+	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --json build/quality/q1024.json --summarize-only
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

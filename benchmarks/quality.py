@@ -7,8 +7,9 @@ Every finished (task, method) record is appended at once to a `.jsonl` beside th
 (its first line holds the settings); run the same command again after an interruption
 and it skips what is there. A larger --count or more --methods extend an earlier run.
 At the end it writes the JSON (settings, records, summary), a markdown table and a
-chart, and prints the table. `--workers K` runs K processes (one pipeline each) over
-the (task, method) pairs; on a 2-core machine use --workers 2 with --threads 1.
+chart, and prints the table; `--summarize-only` does just that for the records there.
+`--workers K` runs K processes (one pipeline each) over the (task, method) pairs; on a
+2-core machine use --workers 2 with --threads 1.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None, help="default: the JSON's path with .png")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own pipeline")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="make no new results: summarize the records already in the .jsonl (a partial run, or "
+                             "methods run with different counts; each row's n says how many tasks it has)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -158,7 +162,8 @@ def main(argv=None) -> None:
     if not log.exists() or not log.read_text().strip():
         log.parent.mkdir(parents=True, exist_ok=True)
         append_line(log, {"settings": settings})
-    items = [(i, m) for i in range(args.count) for m in args.methods if (i, m) not in done]
+    items = [] if args.summarize_only else [(i, m) for i in range(args.count) for m in args.methods
+                                            if (i, m) not in done]
     print(f"{describe(settings, args.count)}: {len(items)} of {args.count * len(args.methods)} results to make"
           f" ({args.workers} worker(s), {args.threads} thread(s) each)", file=sys.stderr)
     for number, record in enumerate(run_items(items, settings, args.threads, args.workers), start=1):

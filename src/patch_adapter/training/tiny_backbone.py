@@ -48,7 +48,7 @@ class TinyRecipe:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     # 2. denoiser
-    unet_steps: int = 8000
+    unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     unet_warmup: int = 200
