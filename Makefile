@@ -13,7 +13,7 @@ setup:
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
 
-# the suite on the tiny backbone, two processes (about 5 minutes on 2 cores; the direct
+# the suite on the tiny backbone, two processes (about 8 minutes on 2 cores; the direct
 # baseline at 4K takes most of it); tests marked slow are left out, `make test-all` runs them
 test:
 	$(PY) -m pytest -q -n 2 -m "not slow"
@@ -42,7 +42,7 @@ quality:
 	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json \
 		--methods patch-adapter,resize,crop,tiled,two-stage,no-dca,no-rpa
 	$(PY) benchmarks/quality.py --seed 0 --count 60 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json \
-		--methods direct  # 22 s a task at 1024x1024: 60 tasks, not 200
+		--methods direct  # 18 s a task at 1024x1024: 60 tasks, not 200
 	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --json build/quality/q1024.json --summarize-only
 
 clean:
