@@ -65,7 +65,8 @@ def view_window(rng: np.random.Generator, scene: Scene, native: int) -> tuple[in
     """
     full = scene.width
     render = float(np.exp(rng.uniform(np.log(native), np.log(full))))
-    focus = scene.objects[int(rng.integers(0, len(scene.objects)))] if rng.random() < FOCUS_SHARE else None
+    focused = bool(scene.objects) and rng.random() < FOCUS_SHARE  # a crowded draw can place no object
+    focus = scene.objects[int(rng.integers(0, len(scene.objects)))] if focused else None
     if focus is not None:
         render = min(render, 0.85 * native / focus.size)
     render = int(round(max(native, min(full, render))))
@@ -84,9 +85,9 @@ def object_in_window(obj: SceneObject, render: int, top: int, left: int, native:
                        y=(obj.y * render - top) / native, size=obj.size * render / native)
 
 
-def visible(obj: SceneObject, native: int) -> bool:
-    """Centre inside the window and the whole object no bigger than it."""
-    return 0.1 < obj.x < 0.9 and 0.1 < obj.y < 0.9 and obj.size * native <= 0.9 * native
+def visible(obj: SceneObject) -> bool:
+    """Centre inside the window (in window coordinates), and the object smaller than the window."""
+    return 0.1 < obj.x < 0.9 and 0.1 < obj.y < 0.9 and obj.size <= 0.9
 
 
 def scene_view(seed: int, native: int = 128) -> View:
@@ -100,7 +101,7 @@ def scene_view(seed: int, native: int = 128) -> View:
         return render_scene(s, render, render)[top:top + native, left:left + native]
 
     local = [object_in_window(o, render, top, left, native) for o in scene.objects]
-    shown = [i for i, o in enumerate(local) if visible(o, native)]
+    shown = [i for i, o in enumerate(local) if visible(o)]
     lesson = str(rng.choice(list(LESSONS), p=list(LESSONS.values()))) if shown else "repaint"
     if lesson == "repaint":
         pixels = window(scene)
