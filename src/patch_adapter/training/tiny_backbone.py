@@ -9,7 +9,7 @@
    trained for minutes cannot hold the lines' phase. Two texture-energy losses were
    tried (matching the local mean |Laplacian| per channel, then per direction on
    luma) and gave coloured vertical stripes (energy 0.4-0.5 of the truth's) or flat
-   output again (0.02-0.05 after 600 steps), so the plain losses stay.
+   output again (0.015-0.05 after 600 steps), so the plain losses stay.
 2. Denoiser: the 9-channel inpainting UNet and both text encoders, trained together
    on the noise-prediction loss over the views' insert / remove / repaint lessons
    (`scene_views`); an EMA of the weights is what gets saved.
