@@ -101,3 +101,19 @@ def test_demo_writes_results_and_sheet(tmp_path, capsys):
     assert sheet.shape[1] > 6 * 256  # input, mask, three results, truth side by side
     out = capsys.readouterr().out
     assert out.count("| 0 |") == 3  # no pixel outside the mask changed, for every method
+
+
+def test_adapter_none_leaves_out_the_shipped_adapters(monkeypatch):
+    from patch_adapter.cli import build_parser
+    from patch_adapter.pipeline import PatchAdapterPipeline
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "-o", "x", "--adapter", "none"]).adapter is False
+    assert parser.parse_args(["demo", "-o", "x", "--adapter", "a.safetensors"]).adapter == "a.safetensors"
+    assert parser.parse_args(["demo", "-o", "x"]).adapter is None
+    asked = []
+    monkeypatch.setattr(PatchAdapterPipeline, "load_adapter", lambda self, path: asked.append(path))
+    PatchAdapterPipeline.from_pretrained("tiny", device="cpu", adapter=False)
+    assert asked == []
+    PatchAdapterPipeline.from_pretrained("tiny", device="cpu")
+    assert [p.name for p in asked] == ["patch_adapter.safetensors"]  # the trained tiny weights ship adapters

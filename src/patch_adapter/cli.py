@@ -27,11 +27,14 @@ from .training.commands import add_data_parser, add_train_parser
 USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
 EIGHT_BIT_SUFFIXES = {".jpg", ".jpeg", ".webp"}
 
+ADAPTER_HELP = ("Patch-Adapter weights (.safetensors); default: those the model folder ships (the tiny backbone "
+                "does); none: no trained adapters")
 
 
 def adapter_argument(text: str):
     """--adapter: a file, or "none" (False: not even the adapters the model folder ships)."""
     return False if text.lower() == "none" else text
+
 
 def add_inpaint_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -52,9 +55,7 @@ def add_inpaint_parser(subparsers) -> None:
                    help="'tiny' (built in, offline), a diffusers folder, a single-file .safetensors checkpoint, "
                         "or a hub id (default: tiny)")
     g.add_argument("--config", default=None, help="for a single-file checkpoint: a diffusers folder with its configs")
-    g.add_argument("--adapter", default=None, type=adapter_argument,
-                   help="Patch-Adapter weights (.safetensors); default: those the model folder ships (the tiny "
-                        "backbone does); none: no trained adapters")
+    g.add_argument("--adapter", default=None, type=adapter_argument, help=ADAPTER_HELP)
     g.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu (default: auto)")
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights precision (default: fp16 on cuda, fp32 elsewhere)")
@@ -206,9 +207,7 @@ def add_demo_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="scene and sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--model", default="tiny", help="backbone (default: tiny, offline)")
-    p.add_argument("--adapter", default=None, type=adapter_argument,
-                   help="Patch-Adapter weights (.safetensors); default: those the model folder ships (the tiny "
-                        "backbone does); none: no trained adapters")
+    p.add_argument("--adapter", default=None, type=adapter_argument, help=ADAPTER_HELP)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_demo_command)
