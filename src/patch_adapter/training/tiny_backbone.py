@@ -165,7 +165,7 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from .trainer import encode_captions, micro_time_ids, stage_latent_mask
+    from .trainer import denoising_loss, encode_captions, micro_time_ids, stage_latent_mask
 
     latents, masked_latents = encode_views(pipe, views)
     log(f"encoded {len(latents)} views: latent std {latents.std():.3f}")
@@ -192,13 +192,8 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe) -> dict:
         captions = ["" if rng.random() < recipe.caption_dropout else prompts[i] for i in index.tolist()]
         embeds, pooled = encode_captions(pipe, captions)
         time_ids = micro_time_ids(len(index), x0.shape[-2] * factor, x0.shape[-1] * factor, x0.device, embeds.dtype)
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-        prediction = pipe.unet(torch.cat([noisy, mask, masked], dim=1), timesteps, encoder_hidden_states=embeds,
-                               added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                               cross_attention_kwargs={"dca_scale": 0.0}, return_dict=False)[0]
-        loss = F.mse_loss(prediction, noise)
+        loss = denoising_loss(pipe.unet, noise_scheduler, x0, mask, masked, embeds, pooled, time_ids,
+                              {"dca_scale": 0.0}, generator, x0.dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -242,14 +242,6 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
         embeds, pooled = encode_captions(pipe, batch["caption"])
         time_ids = micro_time_ids(bsz, height, width, device, embeds.dtype)
 
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:  # epsilon, as SDXL-inpainting
-        target = noise
-
     attention_kwargs = {"dca_mask": mask_latents, "dca_scale": 1.0}
     if config.stage == "stage2":
         with torch.no_grad(), autocast():
@@ -257,7 +249,25 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
             bank = record_references(pipe, reference_latents, embeds, pooled, time_ids, config.reference_timestep)
         attention_kwargs = {"dca_mask": mask_latents, "dca_scale": config.dca_scale, "rpa_bank": bank,
                             "rpa_scale": 1.0}
+    return denoising_loss(unet, noise_scheduler, latents, mask_latents, masked_latents, embeds, pooled, time_ids,
+                          attention_kwargs, generator, dtype)
 
+
+def denoising_loss(unet, noise_scheduler, latents, mask_latents, masked_latents, embeds, pooled, time_ids,
+                   attention_kwargs: dict, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """The backbone's loss on clean latents: noise them at random timesteps, predict, MSE to the target.
+
+    Shared by the adapter trainer and the tiny backbone's recipe, which trains the UNet itself.
+    """
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:  # epsilon, as SDXL-inpainting
+        target = noise
     model_input = torch.cat([noisy, mask_latents, masked_latents], dim=1).to(dtype)  # (B, 9, h, w)
     prediction = unet(model_input, timesteps, encoder_hidden_states=embeds,
                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
