@@ -73,16 +73,9 @@ def timed_in_subprocess(method: str, side: int, mask_side: int, steps: int) -> d
 
 
 def sdxl_inpaint_unet_config() -> dict:
-    """diffusers/stable-diffusion-xl-1.0-inpainting-0.1's unet/config.json (architecture only)."""
-    return dict(
-        sample_size=128, in_channels=9, out_channels=4, layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-    )
+    from patch_adapter.backbone import sdxl_inpaint_configs
+
+    return sdxl_inpaint_configs()["unet"]
 
 
 def unet_tflop(unet, latent_hw, batch: int, attention_kwargs=None) -> float:

@@ -133,29 +133,64 @@ def make_rpa_layer(seed=0):
     return attn, proc
 
 
-def test_untrained_rpa_is_reference_only_attention():
-    """Initial W^r = W and gate = 1: attending to a reference equal to the input doubles Z."""
+def joint_sdpa(q, k, v, heads):
+    """Plain SDPA of (B, N, D) tensors over `heads` heads: the reference implementation."""
+    split = lambda x: x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def test_untrained_rpa_is_joint_reference_only_attention():
+    """Initial weights: one softmax over [own; reference] keys, exactly (concatenated-keys SDPA)."""
+    attn, _ = make_rpa_layer()
+    z, r = torch.randn(2, 20, 32), torch.randn(1, 12, 32)
+    bank = ReferenceBank()
+    bank.features["layer"] = r
+    out = attn(z, rpa_bank=bank, rpa_scale=1.0)
+    both = torch.cat([z, r.expand(2, -1, -1)], dim=1)
+    expected = joint_sdpa(attn.to_q(z), attn.to_k(both), attn.to_v(both), 4)
+    torch.testing.assert_close(out, attn.to_out[0](expected), atol=1e-5, rtol=0)
+
+
+def test_untrained_rpa_with_the_patch_as_reference_keeps_the_layer_output():
+    """A reference equal to the patch gives the layer's own output, not twice it."""
     attn, _ = make_rpa_layer()
     z = torch.randn(2, 20, 32)
     bank = ReferenceBank()
     bank.features["layer"] = z
-    out = attn(z, rpa_bank=bank, rpa_scale=1.0)
-    self_attn = attention(attn.to_q(z), attn.to_k(z), attn.to_v(z), 4)
-    torch.testing.assert_close(out, attn.to_out[0](2 * self_attn), atol=1e-5, rtol=1e-4)
+    own = attn.to_out[0](joint_sdpa(attn.to_q(z), attn.to_k(z), attn.to_v(z), 4))
+    torch.testing.assert_close(attn(z, rpa_bank=bank), own, atol=1e-5, rtol=0)
 
 
-def test_rpa_processor_matches_design_with_trained_gate():
+def test_rpa_with_trained_weights_matches_the_gated_mix():
+    """(1 - a') Z + a' Z_r with a' = sigmoid(lse_r - lse + d + log s), written out with explicit logits."""
     attn, proc = make_rpa_layer(1)
     randomize(proc, 3)
     z, r = torch.randn(2, 20, 32), torch.randn(1, 12, 32)
     bank = ReferenceBank()
     bank.features["layer"] = r
     out = attn(z, rpa_bank=bank, rpa_scale=0.5)
-    q = attn.to_q(z)
-    z_self = attention(q, attn.to_k(z), attn.to_v(z), 4)
-    z_ref = attention(q, proc.to_k_ref(r), proc.to_v_ref(r), 4)
-    gate = 2 * torch.sigmoid(proc.gate(torch.cat([z, z_ref], dim=-1)))
-    torch.testing.assert_close(out, attn.to_out[0](z_self + 0.5 * gate * z_ref), atol=1e-5, rtol=1e-4)
+
+    split = lambda x: x.view(x.shape[0], -1, 4, 8).transpose(1, 2)  # (B, h, N, 8)
+    q, k, v = split(attn.to_q(z)), split(attn.to_k(z)), split(attn.to_v(z))
+    k_r, v_r = split(proc.to_k_ref(r)).expand(2, -1, -1, -1), split(proc.to_v_ref(r)).expand(2, -1, -1, -1)
+    logits, logits_r = q @ k.transpose(-1, -2) / 8 ** 0.5, q @ k_r.transpose(-1, -2) / 8 ** 0.5
+    z_own, z_ref = logits.softmax(-1) @ v, logits_r.softmax(-1) @ v_r
+    d = proc.gate(z).transpose(1, 2).unsqueeze(-1)  # (B, h, N, 1)
+    share = torch.sigmoid(logits_r.logsumexp(-1, keepdim=True) - logits.logsumexp(-1, keepdim=True) + d
+                          + torch.log(torch.tensor(0.5)))
+    mixed = ((1 - share) * z_own + share * z_ref).transpose(1, 2).reshape(2, 20, 32)
+    torch.testing.assert_close(out, attn.to_out[0](mixed), atol=1e-5, rtol=1e-4)
+
+
+def test_rpa_scale_must_be_finite_and_not_negative():
+    attn, _ = make_rpa_layer()
+    z = torch.randn(1, 20, 32)
+    bank = ReferenceBank()
+    bank.features["layer"] = z
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="rpa_scale"):
+            attn(z, rpa_bank=bank, rpa_scale=bad)
 
 
 def test_rpa_scale_zero_equals_no_rpa_and_reference_matters(unets):
@@ -190,7 +225,7 @@ def test_save_load_round_trip(tmp_path):
         randomize(proc, 10 + i)
     path = save_adapter(tmp_path / "adapter.safetensors", source, backbone_name="tiny")
     manifest = read_manifest(path)
-    assert manifest["adapters"] == ["dca", "rpa"] and manifest["format_version"] == 1
+    assert manifest["adapters"] == ["dca", "rpa"] and manifest["format_version"] == 2
     assert all(".processor." in key for key in manifest["shapes"])
 
     target = build_tiny_components()["unet"]
@@ -232,3 +267,18 @@ def test_not_an_adapter_file_is_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(AdapterLoadError, match="not a safetensors file"):
         load_adapter(tmp_path / "junk.safetensors", unet)
+
+
+def test_rpa_of_the_first_format_is_refused(tmp_path):
+    """Format 1 held a gated-sum RPA: its weights mean something else now, so they are refused, not misread."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    unet = build_tiny_components()["unet"]
+    install_adapters(unet)
+    path = save_adapter(tmp_path / "adapter.safetensors", unet)
+    meta = {**read_manifest(path), "format_version": 1}
+    save_file(load_file(str(path)), str(tmp_path / "v1.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()})
+    with pytest.raises(AdapterLoadError, match="retrain stage 2"):
+        load_adapter(tmp_path / "v1.safetensors", unet)

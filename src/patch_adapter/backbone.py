@@ -314,3 +314,88 @@ def backbone_identity(unet) -> dict:
 def native_size(unet, vae_scale_factor: int = 8) -> int:
     """The side in pixels the backbone was trained at (1024 for SDXL, 128 for tiny)."""
     return int(unet.config.sample_size) * vae_scale_factor
+
+
+def sdxl_inpaint_configs() -> dict:
+    """The architecture of diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (its configs, no weights).
+
+    For FLOP counts, memory estimates and GPU benchmarks with random weights, offline.
+    """
+    return {
+        "unet": dict(
+            sample_size=128, in_channels=9, out_channels=4, layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, scaling_factor=0.13025,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, force_upcast=True,
+        ),
+        "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             projection_dim=768, hidden_act="quick_gelu", vocab_size=49408,
+                             max_position_embeddings=77),
+        "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, projection_dim=1280, hidden_act="gelu", vocab_size=49408,
+                               max_position_embeddings=77),
+    }
+
+
+def build_sdxl_components(torch_dtype: torch.dtype = torch.float32, device="meta") -> dict:
+    """SDXL-inpainting's UNet, VAE and text encoders with random weights (meta: no memory at all)."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    configs = sdxl_inpaint_configs()
+    with torch.device(device):
+        return {
+            "unet": UNet2DConditionModel(**configs["unet"]).to(torch_dtype),
+            "vae": AutoencoderKL(**configs["vae"]).to(torch_dtype),
+            "text_encoder": transformers.CLIPTextModel(
+                transformers.CLIPTextConfig(**configs["text_encoder"])).to(torch_dtype),
+            "text_encoder_2": transformers.CLIPTextModelWithProjection(
+                transformers.CLIPTextConfig(**configs["text_encoder_2"])).to(torch_dtype),
+        }
+
+
+def backbone_on_meta(source: str = "tiny", torch_dtype: torch.dtype = torch.float32, config: str | None = None,
+                     local_files_only: bool | None = None) -> dict:
+    """The UNet, VAE and text encoders of a backbone built from its configs on the meta device.
+
+    For memory estimates and FLOP counts without reading weights: a folder's or the
+    hub cache's *.json files are enough (a single-file checkpoint takes them from
+    `config`, by default SDXL-inpainting's).
+    """
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    source = str(source)
+    if source == "tiny":
+        root = tiny_weights_dir()
+    elif Path(source).expanduser().suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if config is None:
+            return build_sdxl_components(torch_dtype)
+        root = config
+    else:
+        root = Path(source).expanduser() if Path(source).expanduser().is_dir() else source
+    offline = dict(local_files_only=local_files_only) if local_files_only is not None else {}
+    try:
+        unet_config = UNet2DConditionModel.load_config(root, subfolder="unet", **offline)
+        vae_config = AutoencoderKL.load_config(root, subfolder="vae", **offline)
+        text_configs = [transformers.AutoConfig.from_pretrained(root, subfolder=name, **offline)
+                        for name in ("text_encoder", "text_encoder_2")]
+    except Exception as err:  # missing files, no network: the same answer for the user
+        raise BackboneLoadError(f"could not read the component configs of {source} from {root}: {err}\n"
+                                + _offline_hint(str(root))) from err
+    with torch.device("meta"):
+        components = {
+            "unet": UNet2DConditionModel.from_config(unet_config).to(torch_dtype),
+            "vae": AutoencoderKL.from_config(vae_config).to(torch_dtype),
+            "text_encoder": transformers.CLIPTextModel(text_configs[0]).to(torch_dtype),
+            "text_encoder_2": transformers.CLIPTextModelWithProjection(text_configs[1]).to(torch_dtype),
+        }
+    return components

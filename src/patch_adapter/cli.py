@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +82,15 @@ def add_inpaint_parser(subparsers) -> None:
                    help="blend the fill into the original over N px inside the mask (default 0)")
     g.add_argument("--mask-threshold", type=float, default=0.5, help="grey level that counts as fill (default 0.5)")
     g.add_argument("--crop-margin", type=int, default=None, help="crop baseline: margin around the mask in px")
-    g.add_argument("--patch-batch-size", type=int, default=4,
-                   help="stage-2 patches per UNet call: faster, more memory (default 4)")
-    p.add_argument("--plan", action="store_true", help="print the tile plan and UNet evaluation count; run nothing")
+    g.add_argument("--patch-batch-size", type=int, default=None,
+                   help="stage-2 patches per UNet call: faster, more memory (default: the most that fit "
+                        "--max-memory, up to 8)")
+    g.add_argument("--max-memory", type=memory_size, default=None,
+                   help="memory the inpaint may use on its device, weights included, e.g. 20GiB or 16GB "
+                        "(default: what the device has free); stage 2 picks its patch batch and where it keeps "
+                        "reference banks to fit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the tile plan, UNet evaluation count and memory estimate; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_inpaint)
 
@@ -110,7 +117,24 @@ def native_size_of(model: str) -> int:
     return 1024  # SDXL
 
 
+def memory_size(text: str) -> int:
+    """--max-memory: a byte count with an optional unit (KB, MB, GB, TB; KiB, MiB, GiB, TiB)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text.strip().lower()[len(number):].strip()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; write e.g. 20GiB, 16GB or 8000MB") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the memory size must be positive and finite")
+    return int(value)
+
+
 def plan_only(args, loaded, mask) -> int:
+    from .backbone import backbone_on_meta, resolve_device, resolve_dtype
+    from .pipeline import choose_stage2_memory
     from .planning import make_plan
 
     native = native_size_of(args.model)
@@ -124,6 +148,11 @@ def plan_only(args, loaded, mask) -> int:
         crop_margin=args.crop_margin if args.crop_margin is not None else native // 8,
         guidance=args.guidance_scale > 1.0, rpa_scale=args.rpa_scale,
     )
+    # the memory estimate traces the backbone's models on the meta device: no weights are read
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
+    backbone = types.SimpleNamespace(**backbone_on_meta(args.model, dtype, config=args.config), vae_scale_factor=8)
+    choose_stage2_memory(backbone, plan, device, args.patch_batch_size, args.max_memory)
     print(plan.describe())
     return 0
 
@@ -167,7 +196,8 @@ def run_inpaint(args) -> int:
         guidance_scale=args.guidance_scale, strength=args.strength, refine_strength=args.refine_strength,
         generator=generator, dca_scale=args.dca_scale, rpa_scale=args.rpa_scale, tile_size=args.tile_size,
         tile_overlap=args.tile_overlap, mask_dilation=args.mask_dilation, mask_feather=args.mask_feather,
-        crop_margin=args.crop_margin, patch_batch_size=args.patch_batch_size, num_images_per_prompt=args.num_images,
+        crop_margin=args.crop_margin, patch_batch_size=args.patch_batch_size, max_memory=args.max_memory,
+        num_images_per_prompt=args.num_images,
     )
     elapsed = time.perf_counter() - started
 

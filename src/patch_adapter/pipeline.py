@@ -15,6 +15,8 @@ prompt encoding, latent and mask preparation, schedulers and VAE, and adds
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from .compositing import (
     to_unit_float,
 )
 from .image_io import LoadedImage, load_image, load_mask
+from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
 from .planning import METHODS, InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
 from .tiling import TileFusion, bounding_tile, tile_window
@@ -249,12 +252,17 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         mask_dilation: int = 0,
         crop_margin: int | None = None,
         mask_threshold: float = 0.5,
+        patch_batch_size: int | None = None,
+        max_memory: int | None = None,
+        reference_banks: str = "auto",
     ) -> InpaintPlan:
-        """The plan of an inpaint (tiles, sizes, UNet evaluations) without running it."""
+        """The plan of an inpaint (tiles, sizes, UNet evaluations, memory estimate) without running it."""
         loaded = as_loaded_image(image)
         mask = load_mask(mask_image, loaded, threshold=mask_threshold)
-        return self._plan(loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
+        plan = self._plan(loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
                           guidance_scale, rpa_scale, tile_size, tile_overlap, mask_dilation, crop_margin)
+        self.stage2_memory(plan, patch_batch_size, max_memory, reference_banks)
+        return plan
 
     def _plan(self, loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
               guidance_scale, rpa_scale, tile_size, tile_overlap, mask_dilation, crop_margin) -> InpaintPlan:
@@ -295,7 +303,9 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         mask_threshold: float = 0.5,
         crop_margin: int | None = None,
         reference_timestep: int = 1,
-        patch_batch_size: int = 4,
+        patch_batch_size: int | None = None,
+        max_memory: int | None = None,
+        reference_banks: str = "auto",
         num_images_per_prompt: int = 1,
         return_dict: bool = True,
     ):
@@ -308,17 +318,22 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         mask_dilation: grow the region the model regenerates (px); mask_feather:
         blend the fill into the original over this many px *inside* the mask.
         Pixels outside the mask are never changed. patch_batch_size: stage-2 patches
-        per UNet call (more is faster where memory allows; results agree to float
-        rounding).
+        per UNet call (default: the most that fit `max_memory`, up to 8; results agree
+        to float rounding). max_memory: bytes the inpaint may use on its device,
+        weights included (default: what the device has free). reference_banks: where
+        stage 2 keeps the reference banks, "device", "host" (moved per call),
+        "recompute" (recorded again per call), or "auto": the first that fits.
+        An out-of-memory error in stage 2 halves the patch batch and retries.
         """
         # 1. Check inputs
         loaded = as_loaded_image(image)
         mask = load_mask(mask_image, loaded, threshold=mask_threshold)
         self.check_call_inputs(method, num_inference_steps, refine_steps, strength, refine_strength,
                                tile_size, tile_overlap, mask_dilation, mask_feather, num_images_per_prompt,
-                               patch_batch_size)
+                               patch_batch_size, reference_banks)
         plan = self._plan(loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
                           guidance_scale, rpa_scale, tile_size, tile_overlap, mask_dilation, crop_margin)
+        stage2 = self.stage2_memory(plan, patch_batch_size, max_memory, reference_banks)
         if plan.empty_mask:
             arrays = [loaded.pixels.copy() for _ in range(num_images_per_prompt)]
             return self._output(arrays, plan, return_dict)
@@ -333,7 +348,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         for _ in range(num_images_per_prompt):
             fills = self._run_method(plan, loaded, mask, text, generator, num_inference_steps, strength,
                                      refine_steps or num_inference_steps, refine_strength, dca_scale,
-                                     rpa_scale, mask_dilation, reference_timestep, patch_batch_size)
+                                     rpa_scale, mask_dilation, reference_timestep, stage2)
             # 4. Composite inside the mask only
             result = loaded.pixels.copy()
             for fill, (top, left, bottom, right) in fills:
@@ -345,7 +360,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         return self._output(arrays, plan, return_dict)
 
     def check_call_inputs(self, method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
-                          mask_dilation, mask_feather, num_images, patch_batch_size=1):
+                          mask_dilation, mask_feather, num_images, patch_batch_size=None, reference_banks="auto"):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if steps < 1 or (refine_steps is not None and refine_steps < 1):
@@ -366,8 +381,18 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             raise ValueError("mask_dilation and mask_feather are pixel counts and cannot be negative")
         if num_images < 1:
             raise ValueError("num_images_per_prompt must be at least 1")
-        if patch_batch_size < 1:
-            raise ValueError("patch_batch_size must be at least 1")
+        if patch_batch_size is not None and patch_batch_size < 1:
+            raise ValueError("patch_batch_size must be at least 1 (or None: the most that fit in memory)")
+        if reference_banks not in ("auto",) + BANK_PLACEMENTS:
+            raise ValueError(f"reference_banks must be auto, {', '.join(BANK_PLACEMENTS)}; got {reference_banks!r}")
+        if reference_banks == "host" and self._execution_device.type == "cpu":
+            raise ValueError("reference_banks='host' is for accelerators; on the CPU the host is the device "
+                             "(use 'recompute' to bound memory)")
+
+    def stage2_memory(self, plan, patch_batch_size=None, max_memory=None, reference_banks="auto") -> "Stage2Memory":
+        """Patch batch and reference-bank placement for `plan`, from the memory estimate; sets plan.memory."""
+        return choose_stage2_memory(self, plan, self._execution_device, patch_batch_size, max_memory,
+                                    reference_banks)
 
     def _output(self, arrays, plan, return_dict):
         images = [PIL.Image.fromarray(a if a.dtype == np.uint8 else from_unit_float(to_unit_float(a), np.uint8))
@@ -377,7 +402,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         return PatchAdapterPipelineOutput(images=images, arrays=arrays, plan=plan)
 
     def _run_method(self, plan, loaded, mask, text, generator, steps, strength, refine_steps, refine_strength,
-                    dca_scale, rpa_scale, mask_dilation, reference_timestep, patch_batch_size):
+                    dca_scale, rpa_scale, mask_dilation, reference_timestep, stage2):
         """The fills: a list of (pixels (h, w, 3) in [0, 1], box (top, left, bottom, right))."""
         method = plan.method
         pixels = loaded.pixels
@@ -410,13 +435,14 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         # stage 2 (or the tiled baseline): each group of overlapping patches on its own
         fills = []
         for group in plan.groups:
-            fills.append(self._refine_patches(
-                group, plan.tile_overlap, pixels, gen_mask, reference, text, generator,
+            refine = functools.partial(
+                self._refine_patches, group, plan.tile_overlap, pixels, gen_mask, reference, text, generator,
                 steps=refine_steps if method != "tiled" else steps,
                 strength=refine_strength if method != "tiled" else strength,
                 dca_scale=use_dca, rpa_scale=rpa_scale if method == "patch-adapter" else 0.0,
-                reference_timestep=reference_timestep, patch_batch_size=patch_batch_size,
-            ))
+                reference_timestep=reference_timestep,
+            )
+            fills.append(retry_out_of_memory(refine, stage2, generator, self._execution_device))
         return fills
 
     # ------------------------------------------------------------------ text
@@ -563,7 +589,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
     # ------------------------------------------------------------------ stage 2
 
     def _refine_patches(self, tiles, overlap, pixels, gen_mask, reference, text, generator, steps, strength,
-                        dca_scale, rpa_scale, reference_timestep, patch_batch_size=1):
+                        dca_scale, rpa_scale, reference_timestep, stage2=None):
         """Denoise overlapping patches in lock step; returns (pixels (h, w, 3) in [0, 1], box).
 
         tiles: one group of the plan (canvas latent coordinates); box: the pixels the
@@ -593,6 +619,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         base_latents = self.encode(reference_t)  # (1, 4, H/8, W/8)
         masked_latents = self.encode(original_t * (mask_t < 0.5))
         mask_latents = F.max_pool2d(mask_t, factor).to(device, base_latents.dtype)  # any coverage
+        del original, original_t, reference_t  # the region's pixels are not needed while denoising
 
         # start latents: the reference noised to `strength` (SDEdit), pure noise at 1.0
         self.scheduler.set_timesteps(steps, device=device)
@@ -609,32 +636,34 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         windows = [tile_window(t, canvas, overlap) for t in tiles]
         tiles = [t.shifted(-region.top, -region.left) for t in tiles]
         fusion = TileFusion(tuple(latents.shape), windows, tiles)
-        # patches run `patch_batch_size` at a time (all tiles of a group have one size, see plan_tiles)
-        batches = [tiles[i: i + patch_batch_size] for i in range(0, len(tiles), patch_batch_size)]
+        # patches run `stage2.patch_batch_size` at a time (all tiles of a group have one size, see plan_tiles)
+        stage2 = stage2 or Stage2Memory(1, "device")
+        size = stage2.patch_batch_size
+        batches = [tiles[i: i + size] for i in range(0, len(tiles), size)]
 
         def stacked(tensor, batch):  # (k, C, h, w): the batch's patches of a region tensor
             return torch.cat([tensor[(..., *tile.slices)] for tile in batch])
 
-        banks = [None] * len(batches)
+        references = ReferenceBanks(self, stage2.bank_placement, text, reference_timestep)
         if rpa_scale != 0 and reference is not None:
-            for i, batch in enumerate(self._progress(batches, "reference patches")):
-                banks[i] = self.record_reference(stacked(base_latents, batch), text, reference_timestep)
+            for batch in self._progress(batches, "reference patches"):
+                references.add(stacked(base_latents, batch))
         time_ids = self.time_ids(tiles[0].height * factor, tiles[0].width * factor, text)
 
         # denoise all patches in lock step; fuse noise predictions, then one scheduler step
         bar = self._progress(None, f"stage 2 ({len(tiles)} patches)", total=len(timesteps) * len(tiles))
         for i, t in enumerate(timesteps):
             model_latents = self.scheduler.scale_model_input(latents, t)
-            predictions = []
-            for batch, bank in zip(batches, banks):
+            fused = fusion.start(device)
+            for index, batch in enumerate(batches):
                 attention_kwargs = {"dca_mask": stacked(mask_latents, batch), "dca_scale": dca_scale,
-                                    "rpa_bank": bank, "rpa_scale": rpa_scale}
+                                    "rpa_bank": references.bank(index), "rpa_scale": rpa_scale}
                 noise = self.predict_noise(stacked(model_latents, batch), t, stacked(mask_latents, batch),
                                            stacked(masked_latents, batch), text, time_ids, attention_kwargs)
-                predictions.extend(noise.split(1))
+                fused.add(batch, noise)
                 bar.update(len(batch))
                 bar.set_postfix_str(f"step {i + 1}/{len(timesteps)}")
-            noise_pred = fusion.fuse(predictions)
+            noise_pred = fused.result(latents.dtype)
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
         bar.close()
 
@@ -664,6 +693,119 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         config.setdefault("leave", False)
         config.setdefault("desc", desc)
         return tqdm(iterable, total=total, **config)
+
+
+def choose_stage2_memory(backbone, plan, device, patch_batch_size=None, max_memory=None,
+                         reference_banks="auto") -> "Stage2Memory":
+    """Stage2Memory for `plan` on `device` from the memory estimate (also set as plan.memory).
+
+    `backbone` needs unet, vae, text encoders and vae_scale_factor (a pipeline, or models
+    on the meta device for a plan made without loading weights).
+    """
+    device = torch.device(device)
+    budget = max_memory if max_memory is not None else available_memory(device)
+    if not plan.tiles:
+        batch, placement = patch_batch_size or 1, "device"
+        estimate = estimate_memory(backbone, plan, batch, placement, device)
+    elif reference_banks == "auto":
+        batch, placement, estimate = stage2_settings(backbone, plan, budget, patch_batch_size, device)
+    else:
+        batch = min(patch_batch_size or 1, max(len(g) for g in plan.groups))
+        placement = reference_banks
+        estimate = estimate_memory(backbone, plan, batch, placement, device)
+    plan.memory = estimate
+    if estimate.peak > budget:
+        warnings.warn(f"the inpaint is expected to need {estimate.peak / 2**20:,.0f} MiB on {device}, over the "
+                      f"{budget / 2**20:,.0f} MiB budget, even with the smallest stage-2 settings; it runs "
+                      "anyway (a smaller tile_size or cpu_offload needs less)", stacklevel=3)
+    return Stage2Memory(batch, placement)
+
+
+@dataclass(frozen=True)
+class Stage2Memory:
+    """How stage 2 spends memory: patches per UNet call, and where reference banks live (BANK_PLACEMENTS)."""
+
+    patch_batch_size: int
+    bank_placement: str
+
+    def smaller(self, device) -> "Stage2Memory | None":
+        """The next settings to try after an out-of-memory error, or None at the smallest."""
+        if self.patch_batch_size > 1:
+            return Stage2Memory(self.patch_batch_size // 2, self.bank_placement)
+        order = [p for p in BANK_PLACEMENTS if p != "host" or device.type != "cpu"]
+        later = order[order.index(self.bank_placement) + 1:]
+        return Stage2Memory(1, later[0]) if later else None
+
+
+class ReferenceBanks:
+    """The reference banks of one patch group's batches, kept where `placement` says.
+
+    "device": recorded once, kept on the device; "host": recorded once, kept on the host
+    (pinned) and moved over for each UNet call; "recompute": only the reference latents
+    are kept, and each call records its batch's bank again (the same tokens, since the
+    reference does not change).
+    """
+
+    def __init__(self, pipe, placement: str, text, timestep: int):
+        self.pipe, self.placement, self.text, self.timestep = pipe, placement, text, timestep
+        self.items: list = []
+
+    def add(self, reference_latents) -> None:
+        if self.placement == "recompute":
+            self.items.append(reference_latents)
+            return
+        bank = self.pipe.record_reference(reference_latents, self.text, self.timestep)
+        if self.placement == "host":
+            bank = bank.to("cpu", pin_memory=torch.cuda.is_available())
+        self.items.append(bank)
+
+    def bank(self, index: int) -> ReferenceBank | None:
+        if not self.items:
+            return None
+        item = self.items[index]
+        if self.placement == "recompute":
+            return self.pipe.record_reference(item, self.text, self.timestep)
+        if self.placement == "host":
+            return item.to(self.pipe._execution_device, non_blocking=True)
+        return item
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU and MPS allocators' own words for it."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def retry_out_of_memory(refine, stage2: Stage2Memory, generator, device):
+    """refine(stage2=...), with smaller settings after an out-of-memory error (said once).
+
+    The random state is put back before each retry, so the result is the one the
+    smaller settings give from the start.
+    """
+    state = generator.get_state() if generator is not None else torch.random.get_rng_state()
+    said = False
+    while True:
+        try:
+            return refine(stage2=stage2)
+        except Exception as error:
+            smaller = stage2.smaller(device)
+            if not is_out_of_memory(error) or smaller is None:
+                raise
+            if not said:
+                warnings.warn(f"stage 2 ran out of memory with {stage2.patch_batch_size} patches per call and "
+                              f"reference banks on the {stage2.bank_placement}; retrying with less "
+                              f"(now {smaller.patch_batch_size}, {smaller.bank_placement})", stacklevel=2)
+                said = True
+            stage2 = smaller
+            del error
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if generator is not None:
+                generator.set_state(state)
+            else:
+                torch.random.set_rng_state(state)
 
 
 def randn_like_region(latents: torch.Tensor, generator) -> torch.Tensor:

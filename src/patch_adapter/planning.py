@@ -78,6 +78,7 @@ class InpaintPlan:
     stage2_steps: int = 0
     reference_passes: int = 0
     guidance: bool = True  # classifier-free guidance doubles the batch of each forward
+    memory: object | None = None  # a memory.MemoryEstimate, where a pipeline made one
 
     @property
     def tiles(self) -> list[Tile]:
@@ -134,6 +135,8 @@ class InpaintPlan:
             f"UNet forwards: {self.unet_forwards} ({self.unet_evaluations} evaluations"
             f"{' with classifier-free guidance' if self.guidance else ''})"
         )
+        if self.memory is not None:
+            lines.append(self.memory.describe())
         return "\n".join(lines)
 
 

@@ -135,11 +135,33 @@ class TileFusion:
             self.weight[tile.slices] += window
         self.covered = self.weight > 0
 
+    def start(self, device) -> "FusionSum":
+        """An empty weighted sum on `device`, to add predictions batch by batch."""
+        return FusionSum(self, torch.zeros(self.shape, device=device, dtype=torch.float32))
+
     def fuse(self, predictions: list[torch.Tensor]) -> torch.Tensor:
         """predictions[i] (B, C, h_i, w_i) for tile i -> (B, C, H, W); zero where no tile is."""
-        device, dtype = predictions[0].device, predictions[0].dtype
-        total = torch.zeros(self.shape, device=device, dtype=torch.float32)
-        for tile, window, pred in zip(self.tiles, self.windows, predictions):
-            total[(..., *tile.slices)] += pred.float() * window.to(device)
-        weight = self.weight.to(device).clamp_min(1e-12)
-        return (total / weight).to(dtype)
+        fused = self.start(predictions[0].device)
+        for tile, pred in zip(self.tiles, predictions):
+            fused.add([tile], pred)
+        return fused.result(predictions[0].dtype)
+
+
+@dataclass
+class FusionSum:
+    """The running weighted sum of one fusion: memory follows the region, not the number of patches."""
+
+    fusion: TileFusion
+    total: torch.Tensor
+
+    def __post_init__(self):
+        self.windows = dict(zip(self.fusion.tiles, self.fusion.windows))
+
+    def add(self, tiles: list[Tile], predictions: torch.Tensor) -> None:
+        """predictions (k, C, h, w): one item per tile, in order."""
+        for tile, pred in zip(tiles, predictions.split(1)):
+            self.total[(..., *tile.slices)] += pred.float() * self.windows[tile].to(self.total.device)
+
+    def result(self, dtype) -> torch.Tensor:
+        weight = self.fusion.weight.to(self.total.device).clamp_min(1e-12)
+        return (self.total / weight).to(dtype)

@@ -8,6 +8,7 @@ which adapters the file holds, and every layer's parameter shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -20,7 +21,8 @@ from .dual_context import DualContextAttnProcessor
 from .reference_patch import ReferencePatchAttnProcessor
 
 FORMAT_NAME = "patch-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the RPA is joint (own + reference) attention with a per-head correction; 1 held a gated-sum RPA."""
 ADAPTER_KINDS = ("dca", "rpa")
 BUNDLED_ADAPTER_FILE = "patch_adapter.safetensors"
 """A diffusers folder that holds this file ships its adapters: from_pretrained loads them."""
@@ -75,6 +77,19 @@ def reset_adapters(unet, kinds=ADAPTER_KINDS) -> None:
     """Back to the initial (no-effect / reference-only) state."""
     for name, proc in adapter_processors(unet, kinds).items():
         proc.reset_parameters(unet.get_submodule(name.rsplit(".", 1)[0]))
+
+
+@contextlib.contextmanager
+def initial_adapters(unet, kinds=ADAPTER_KINDS):
+    """Within this block the adapters are at their initial weights; the trained ones come back after."""
+    trained = {name: {k: v.clone() for k, v in proc.state_dict().items()}
+               for name, proc in adapter_processors(unet, kinds).items()}
+    reset_adapters(unet, kinds)
+    try:
+        yield unet
+    finally:
+        for name, proc in adapter_processors(unet, kinds).items():
+            proc.load_state_dict(trained[name])
 
 
 def manifest(unet, state: dict, kinds, backbone_name: str | None = None) -> dict:
@@ -154,6 +169,13 @@ def load_adapter(path, unet) -> dict:
             "Load it with the backbone it was trained on, or train adapters for this one."
         )
     kinds = tuple(info["adapters"])
+    if info.get("format_version", 0) < 2 and "rpa" in kinds:
+        raise AdapterLoadError(
+            f"{path} holds a Reference Patch Adapter of format {info.get('format_version')} (a gated sum of "
+            "attentions), which this version replaced by joint reference attention: retrain stage 2 "
+            "(patch-adapter train stage2 ...); its Dual Context Adapter is unchanged and can be re-saved alone "
+            "with an older patch-adapter"
+        )
     unknown = set(kinds) - set(ADAPTER_KINDS)
     if unknown:
         raise AdapterLoadError(f"{path} holds unknown adapter kinds {sorted(unknown)}")

@@ -9,6 +9,7 @@ chart. Only `run_method` needs a model; the rest is pure.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,8 +32,12 @@ METHODS: dict[str, dict] = {
     "two-stage": {"method": "two-stage"},  # the pipeline runs it with neither adapter
     "no-dca": {"method": "patch-adapter", "dca_scale": 0.0},
     "no-rpa": {"method": "patch-adapter", "rpa_scale": 0.0},
+    "untrained": {"method": "patch-adapter"},  # both adapters at their initial weights (see UNTRAINED)
 }
 """Benchmark name -> keyword arguments of `PatchAdapterPipeline.__call__`."""
+
+UNTRAINED = {"untrained"}
+"""Methods run with the adapters at their initial weights: what an SDXL user without trained adapters gets."""
 
 
 # --- tasks ---------------------------------------------------------------------------
@@ -88,9 +93,13 @@ def run_method(pipe, task: Task, method: str, steps: int, seed: int) -> dict:
     """
     import torch
 
+    from ..adapters import initial_adapters
+
+    adapters = initial_adapters(pipe.unet) if method in UNTRAINED else contextlib.nullcontext()
     started = time.perf_counter()
-    output = pipe(prompt=task.prompt, image=task.image, mask_image=task.mask, num_inference_steps=steps,
-                  generator=torch.Generator().manual_seed(seed), **METHODS[method])
+    with adapters:
+        output = pipe(prompt=task.prompt, image=task.image, mask_image=task.mask, num_inference_steps=steps,
+                      generator=torch.Generator().manual_seed(seed), **METHODS[method])
     seconds = time.perf_counter() - started
     rows, cols = tile_borders(output.plan.tiles, pipe.vae_scale_factor)
     scores = score_result(task, output.arrays[0], rows, cols)
