@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from .backbone import BackboneLoadError
+from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
 from .planning import METHODS
 from .training.commands import add_data_parser, add_train_parser
@@ -176,6 +177,12 @@ def load_pipeline(args, device=None):
 
     device = resolve_device(device or args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    if args.quiet:  # the libraries' own loading bars too
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     pipe = PatchAdapterPipeline.from_pretrained(
         args.model, adapter=args.adapter, device=str(device), dtype=dtype, cpu_offload=args.cpu_offload,
         config=args.config, scheduler=args.scheduler,
@@ -267,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patch-adapter {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_inpaint_parser(subparsers)
+    add_batch_parser(subparsers)
     add_train_parser(subparsers)
     add_data_parser(subparsers)
     add_demo_parser(subparsers)
