@@ -107,26 +107,29 @@ def test_bad_items_are_reported_and_the_batch_goes_on(tmp_path, capsys):
     make_pair(data, "good", 1)
     (data / "corrupt.png").write_bytes(b"not a png")
     Image.fromarray(np.zeros((50, 60), np.uint8)).save(data / "small_mask.png")
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(data / "black_mask.png")
     rows = [
         {"image": "good.png", "mask": "good_mask.png", "prompt": "a bench"},
         {"image": "corrupt.png", "mask": "good_mask.png", "prompt": "a bench"},
         {"image": "good.png", "mask": "small_mask.png", "prompt": "a bench", "output": "wrong_size.png"},
         {"image": "missing.png", "mask": "good_mask.png", "prompt": "a bench"},
         {"image": "good.png", "mask": "good_mask.png", "output": "no_prompt.png"},
+        {"image": "good.png", "mask": "black_mask.png", "prompt": "a bench", "output": "empty.png"},
     ]
     (data / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     code = main(["batch", "--manifest", str(data / "items.jsonl"), "-o", str(out), *FAST])
     assert code == 1
     lines = report(out)
-    assert [r["status"] for r in lines] == ["done", "failed", "failed", "failed", "failed"]
-    errors = [r["error"] for r in lines[1:]]
+    assert [r["status"] for r in lines] == ["done", "failed", "failed", "failed", "failed", "done"]
+    assert "mask is empty" in lines[5]["note"] and "note" not in lines[0]
+    errors = [r["error"] for r in lines[1:5]]
     assert "not an image file" in errors[0]
     assert "60x50" in errors[1] and f"{SIZE}x{SIZE}" in errors[1]
     assert "does not exist" in errors[2]
     assert "no prompt" in errors[3]
-    assert sorted(p.name for p in out.iterdir()) == ["batch_report.jsonl", "good_inpainted.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["batch_report.jsonl", "empty.png", "good_inpainted.png"]
     err = capsys.readouterr().err
-    assert "1 done, 0 skipped (outputs exist; --overwrite redoes them), 4 failed" in err
+    assert "2 done, 0 skipped (outputs exist; --overwrite redoes them), 4 failed" in err
     assert "images/hour" in err and "failed: items.jsonl line 2" in err
 
 

@@ -336,12 +336,17 @@ def run_batch(args) -> int:
               f"on {state.num_processes} process{'es' if state.num_processes > 1 else ''}", file=sys.stderr)
         warn_other_settings(skipped)
 
-    with state.split_between_processes(pending) as mine:
-        records = run_items([item for item, _ in mine], args, state)
+    try:
+        with state.split_between_processes(pending) as mine:
+            records = run_items([item for item, _ in mine], args, state)
+    except KeyboardInterrupt:
+        print("batch: interrupted; finished outputs are kept: rerun the same command to do the rest",
+              file=sys.stderr)
+        return 130
     if state.num_processes > 1:
         records = gather_object(records)
     if not main:
-        return 1 if any(r["status"] == "failed" for r in records) else 0
+        return 0  # the main process reports and exits 1 for the batch: one failure notice from the launcher
     records += [record(item, "skipped", settings_differ=differing or None) for item, differing in skipped]
     records.sort(key=lambda r: r["index"])
     for r in records:
@@ -366,21 +371,25 @@ def run_items(items: list[Item], args, state) -> list[dict]:
     for item in bar:
         started = time.perf_counter()
         try:
-            run_item(pipe, item)
-        except KeyboardInterrupt:
-            raise
+            note = run_item(pipe, item)
         except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
             message = failure_message(err)
             tqdm.write(f"batch: failed: {item.name}: {message}", file=sys.stderr)
             records.append(record(item, "failed", error=message, seconds=time.perf_counter() - started,
                                   process=state.process_index))
         else:
-            records.append(record(item, "done", seconds=time.perf_counter() - started, process=state.process_index))
+            if note:
+                tqdm.write(f"batch: note: {item.name}: {note}", file=sys.stderr)
+            records.append(record(item, "done", seconds=time.perf_counter() - started, process=state.process_index,
+                                  note=note))
     return records
 
 
-def run_item(pipe, item: Item) -> None:
-    """The steps of `patch-adapter inpaint`, through the same helpers, so the bytes are the same."""
+def run_item(pipe, item: Item) -> str | None:
+    """The steps of `patch-adapter inpaint`, through the same helpers, so the bytes are the same.
+
+    Returns a note worth reading in the report: an empty mask gives back the input unchanged.
+    """
     from .cli import output_metadata, pipeline_kwargs, save_results
 
     if item.problem:
@@ -391,6 +400,7 @@ def run_item(pipe, item: Item) -> None:
     protect = [item.image] + ([item.mask] if item.mask else [])
     save_results(item.outputs, result, output_metadata(item.settings, pipe, result), loaded, protect,
                  overwrite_input=False)
+    return "the mask is empty: the output is the input unchanged" if result.plan.empty_mask else None
 
 
 def failure_message(err: Exception) -> str:
