@@ -160,6 +160,11 @@ def test_command_errors_are_exit_code_2(tmp_path, capsys):
     assert "--prompt TEXT" in capsys.readouterr().err
     assert main(["batch", "--images", str(tmp_path / "nothing"), "--prompt", "x", "-o", str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert main(["batch", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "images"), "--prompt",
+                 "x", "-o", str(tmp_path / "o")]) == 2
+    assert "each image would be its own mask" in capsys.readouterr().err
+    assert main(["batch", "--manifest", str(tmp_path / "m.csv"), "--masks", "m", "-o", str(tmp_path / "o")]) == 2
+    assert "--masks goes with --images" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n[1, 2]\n')
     assert main(["batch", "--manifest", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o")]) == 2
     assert "bad.jsonl line 2: each line must be a JSON object" in capsys.readouterr().err
@@ -187,10 +192,21 @@ def test_sigkill_midway_then_rerun_finishes_the_rest(tmp_path, capsys):
 
     assert main(["batch", "--images", str(images), "--prompt", "a bench", "-o", str(out), *FAST]) == 0
     skipped = len([name for name in finished if name.endswith("_inpainted.png")])
-    assert f"{6 - skipped} done, {skipped} skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{6 - skipped} done, {skipped} skipped" in err and "temporary file(s) an interrupted run left" in err
     after = snapshot(out)
     assert all(after[name] == finished[name] for name in finished if name.endswith(".png"))  # bytes and mtimes
     assert sorted(after) == ["batch_report.jsonl"] + [f"img{i}_inpainted.png" for i in range(6)]  # no .tmp
+
+
+def test_processes_that_do_not_see_each_other_are_refused(tmp_path, monkeypatch, capsys):
+    """torchrun started two processes, but without ACCELERATE_USE_CPU each would do every item."""
+    make_pair(tmp_path / "images", "a", 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert main(["batch", "--images", str(tmp_path / "images"), "--prompt", "x", "-o", str(tmp_path / "o")]) == 2
+    assert "set ACCELERATE_USE_CPU=true" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def free_port():

@@ -125,9 +125,8 @@ def setting_names() -> tuple[str, ...]:
     return tuple(vars(settings_parser().parse_args([])))
 
 
-def item_settings(args, values: dict, parser: RowParser) -> argparse.Namespace:
+def item_settings(args, values: dict, parser: RowParser, native: int) -> argparse.Namespace:
     """The flags with a row's values on top, converted and checked by the flags' own definitions."""
-    from .cli import native_size_of
     from .pipeline import check_call_settings
 
     argv = []
@@ -135,16 +134,15 @@ def item_settings(args, values: dict, parser: RowParser) -> argparse.Namespace:
         if isinstance(value, (bool, list, dict)):
             raise ValueError(f"{key}: {json.dumps(value)} is not a number or a text")
         argv.append(f"--{key.replace('_', '-')}={value}")
-    settings = parser.parse_args(argv, namespace=argparse.Namespace(**vars(args)))  # keeps what is set
-    s = settings
+    s = parser.parse_args(argv, namespace=argparse.Namespace(**vars(args)))  # sets only what argv names
     check_call_settings(s.method, s.steps, s.refine_steps, s.strength, s.refine_strength, s.tile_size,
                         s.tile_overlap, s.mask_dilation, s.mask_feather, s.num_images, s.patch_batch_size,
-                        native=native_size_of(args.model), mask_threshold=s.mask_threshold)
-    return settings
+                        native=native, mask_threshold=s.mask_threshold)
+    return s
 
 
 def manifest_items(manifest: Path, args, outdir: Path) -> list[Item]:
-    from .cli import add_model_options, output_paths
+    from .cli import add_model_options, native_size_of, output_paths
 
     if manifest.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ValueError(f"manifest {manifest} must be a .csv or a .jsonl file")
@@ -156,6 +154,7 @@ def manifest_items(manifest: Path, args, outdir: Path) -> list[Item]:
     model_columns = set(vars(model_parser.parse_args([])))
     known = (*PATH_COLUMNS, *setting_names())
     base = manifest.parent
+    native = native_size_of(args.model)
     rows = csv_rows(manifest) if manifest.suffix.lower() == ".csv" else jsonl_rows(manifest)
     items = []
     for line, row in rows:
@@ -168,13 +167,13 @@ def manifest_items(manifest: Path, args, outdir: Path) -> list[Item]:
                                  f"use --{column.replace('_', '-')} instead of a column")
             if column not in known:
                 raise ValueError(f"{where}: unknown column {key!r}; the columns are {', '.join(known)}")
-            if value is not None and value != "":  # an empty cell: the flag's value
+            if value is not None and str(value).strip():  # an empty cell: the flag's value
                 values[column] = value
         if "image" not in values:
             raise ValueError(f"{where}: no image; every row needs one")
         paths = {key: values.pop(key) for key in PATH_COLUMNS if key in values}
         try:
-            settings = item_settings(args, values, parser)
+            settings = item_settings(args, values, parser, native)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         image = base / str(paths["image"])
@@ -222,16 +221,19 @@ def jsonl_rows(path: Path):
 
 
 def folder_items(images: Path, masks: Path | None, args, outdir: Path) -> list[Item]:
-    from .cli import output_paths
+    from .cli import native_size_of, output_paths
 
     for folder, flag in ((images, "--images"), (masks, "--masks")):
         if folder is not None and not folder.is_dir():
             raise ValueError(f"{flag} {folder} is not a folder")
     if outdir.resolve() == images.resolve():
         raise ValueError("-o must not be the --images folder: the results would be read as inputs next time")
+    if masks is not None and masks.resolve() == images.resolve():
+        raise ValueError("--masks must be another folder than --images: masks are matched to images by file stem, "
+                         "so each image would be its own mask")
     if args.prompt is None:
         raise ValueError("give the prompt for all images with --prompt TEXT (--prompt '' fills without one)")
-    settings = item_settings(args, {}, settings_parser())
+    settings = item_settings(args, {}, settings_parser(), native_size_of(args.model))
     by_stem: dict[str, list[Path]] = {}
     for mask in image_files(masks) if masks else []:
         by_stem.setdefault(mask.stem, []).append(mask)
@@ -324,7 +326,9 @@ def run_batch(args) -> int:
     outdir = Path(args.output)
     if state.is_main_process:
         outdir.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(items)
+        removed = clean_temporaries(items)
+        if removed:
+            print(f"batch: removed {removed} temporary file(s) an interrupted run left", file=sys.stderr)
     pending, skipped = [], []
     for item in items:
         differing = None if args.overwrite else existing_outputs(item)
