@@ -133,6 +133,29 @@ def test_bad_items_are_reported_and_the_batch_goes_on(tmp_path, capsys):
     assert "images/hour" in err and "failed: items.jsonl line 2" in err
 
 
+def test_out_of_memory_fails_the_item_with_the_fix_and_the_batch_goes_on(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import patch_adapter.batch as batch
+
+    for stem in ("a", "b"):
+        make_pair(tmp_path / "images", stem, 1, mask_dir=tmp_path / "masks")
+    calls = []
+
+    def run_item(pipe, item):
+        calls.append(item.name)
+        if item.name == "a.png":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(batch, "run_item", run_item)
+    code = main(["batch", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--prompt", "x",
+                 "-o", str(tmp_path / "out"), *FAST])
+    assert code == 1 and calls == ["a.png", "b.png"]
+    failed, done = report(tmp_path / "out")
+    assert failed["status"] == "failed" and "out of memory" in failed["error"] and "--patch-batch-size" in failed["error"]
+    assert done["status"] == "done"
+
+
 @pytest.mark.parametrize("rows, message", [
     ([["mask", "prompt"], ["a_mask.png", "x"]], "items.csv line 1: no image column"),
     ([["image", "steps"], ["a.png", "3"], ["a.png", "many"]], "items.csv line 3: argument --steps: invalid int"),

@@ -2,7 +2,7 @@
 
     patch-adapter batch --images DIR [--masks DIR] --prompt TEXT -o OUTDIR [inpaint flags]
     patch-adapter batch --manifest items.csv|items.jsonl -o OUTDIR [inpaint flags]
-    accelerate launch --multi_gpu --num_processes N -m patch_adapter.cli batch ...
+    accelerate launch --multi_gpu --num_processes N -m patch_adapter.cli batch ...   (CPUs: ACCELERATE_USE_CPU=true)
 
 Each item's result is what `patch-adapter inpaint` writes for the same settings. Rerunning
 the command skips items whose outputs are complete; `OUTDIR/batch_report.jsonl` records every
