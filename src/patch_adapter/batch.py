@@ -314,7 +314,7 @@ def clean_temporaries(items: list[Item]) -> int:
 
 def run_batch(args) -> int:
     from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+    from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 
     started = time.perf_counter()
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -324,17 +324,18 @@ def run_batch(args) -> int:
                          "on CPUs, set ACCELERATE_USE_CPU=true")
     items = read_items(args)  # every process reads the same items and fails alike, before any work
     outdir = Path(args.output)
-    if state.is_main_process:
+    main = state.is_main_process
+    found = None  # per item: None to do, else the settings its existing outputs differ in
+    if main:
         outdir.mkdir(parents=True, exist_ok=True)
         removed = clean_temporaries(items)
         if removed:
             print(f"batch: removed {removed} temporary file(s) an interrupted run left", file=sys.stderr)
-    pending, skipped = [], []
-    for item in items:
-        differing = None if args.overwrite else existing_outputs(item)
-        (pending if differing is None else skipped).append((item, differing))
-    state.wait_for_everyone()  # all have looked at the outputs before any is written
-    main = state.is_main_process
+        found = [None if args.overwrite else existing_outputs(item) for item in items]
+    if state.num_processes > 1:  # one look at the outputs, before any is written, for all machines
+        found = broadcast_object_list([found])[0]
+    pending = [(item, None) for item, differing in zip(items, found) if differing is None]
+    skipped = [(item, differing) for item, differing in zip(items, found) if differing is not None]
     if main:
         print(f"batch: {len(items)} items, {len(skipped)} with complete outputs skipped, {len(pending)} to do "
               f"on {state.num_processes} process{'es' if state.num_processes > 1 else ''}", file=sys.stderr)
