@@ -24,13 +24,12 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM
 
 
 def make_pair(folder, stem, seed, dtype=np.uint8, mask_dir=None):
-    """An image (PNG, 8 or 16 bit) and its box mask, in `folder` and `mask_dir` (default: the same folder)."""
+    """An image (PNG, 8 or 16 bit) and its box mask: mask_dir/<stem>.png, or <stem>_mask.png beside the image."""
     folder.mkdir(parents=True, exist_ok=True)
     save_image(folder / f"{stem}.png", random_image(SIZE, SIZE, seed=seed, dtype=dtype))
-    mask_dir = mask_dir or folder
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    mask = box_mask(SIZE, SIZE, 20 + seed, 24, 70, 80)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / f"{stem}{'' if mask_dir != folder else '_mask'}.png")
+    mask_path = mask_dir / f"{stem}.png" if mask_dir else folder / f"{stem}_mask.png"
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(box_mask(SIZE, SIZE, 20 + seed, 24, 70, 80).astype(np.uint8) * 255).save(mask_path)
     return folder / f"{stem}.png"
 
 
@@ -212,6 +211,7 @@ def test_sigkill_midway_then_rerun_finishes_the_rest(tmp_path, capsys):
     finished = snapshot(out)
     assert 1 <= len([name for name in finished if name.endswith("_inpainted.png")]) < 6
     (out / ".img5_inpainted.png.0123456789ab.tmp").write_bytes(b"half an image")  # as a kill mid-write leaves
+    (out / ".notes.png.0123456789ab.tmp").write_bytes(b"not ours")  # another writer's: left alone
 
     assert main(["batch", "--images", str(images), "--prompt", "a bench", "-o", str(out), *FAST]) == 0
     skipped = len([name for name in finished if name.endswith("_inpainted.png")])
@@ -219,7 +219,8 @@ def test_sigkill_midway_then_rerun_finishes_the_rest(tmp_path, capsys):
     assert f"{6 - skipped} done, {skipped} skipped" in err and "temporary file(s) an interrupted run left" in err
     after = snapshot(out)
     assert all(after[name] == finished[name] for name in finished if name.endswith(".png"))  # bytes and mtimes
-    assert sorted(after) == ["batch_report.jsonl"] + [f"img{i}_inpainted.png" for i in range(6)]  # no .tmp
+    assert sorted(after) == [".notes.png.0123456789ab.tmp", "batch_report.jsonl"] + \
+        [f"img{i}_inpainted.png" for i in range(6)]  # none of our temporary files
 
 
 def test_processes_that_do_not_see_each_other_are_refused(tmp_path, monkeypatch, capsys):
