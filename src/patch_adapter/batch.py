@@ -281,7 +281,7 @@ def check_outputs(items: list[Item]) -> None:
 
 
 def existing_outputs(item: Item) -> list[str] | None:
-    """None when an output is missing or incomplete; else the settings its outputs were made with otherwise.
+    """None when an output is missing or incomplete, else the settings the outputs differ in (mostly none).
 
     An output counts as complete once it carries its metadata: writes are atomic and the metadata of
     non-PNG formats is written last, to a sidecar.
@@ -313,8 +313,9 @@ def clean_temporaries(items: list[Item]) -> int:
 
 
 def run_batch(args) -> int:
+    """Read the items, sort out what is left to do, split it across the processes, report once."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+    from accelerate.utils import gather_object, parse_flag_from_env
 
     started = time.perf_counter()
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -325,17 +326,7 @@ def run_batch(args) -> int:
     items = read_items(args)  # every process reads the same items and fails alike, before any work
     outdir = Path(args.output)
     main = state.is_main_process
-    found = None  # per item: None to do, else the settings its existing outputs differ in
-    if main:
-        outdir.mkdir(parents=True, exist_ok=True)
-        removed = clean_temporaries(items)
-        if removed:
-            print(f"batch: removed {removed} temporary file(s) an interrupted run left", file=sys.stderr)
-        found = [None if args.overwrite else existing_outputs(item) for item in items]
-    if state.num_processes > 1:  # one look at the outputs, before any is written, for all machines
-        found = broadcast_object_list([found])[0]
-    pending = [(item, None) for item, differing in zip(items, found) if differing is None]
-    skipped = [(item, differing) for item, differing in zip(items, found) if differing is not None]
+    pending, skipped = sort_out(items, args, state)
     if main:
         print(f"batch: {len(items)} items, {len(skipped)} with complete outputs skipped, {len(pending)} to do "
               f"on {state.num_processes} process{'es' if state.num_processes > 1 else ''}", file=sys.stderr)
@@ -343,7 +334,7 @@ def run_batch(args) -> int:
 
     try:
         with state.split_between_processes(pending) as mine:
-            records = run_items([item for item, _ in mine], args, state)
+            records = run_items(mine, args, state)
     except KeyboardInterrupt:
         print("batch: interrupted; finished outputs are kept: rerun the same command to do the rest",
               file=sys.stderr)
@@ -358,6 +349,28 @@ def run_batch(args) -> int:
         del r["index"]
     write_report(outdir / REPORT_NAME, records)
     return summarize(records, time.perf_counter() - started, outdir / REPORT_NAME)
+
+
+def sort_out(items: list[Item], args, state) -> tuple[list[Item], list[tuple[Item, list[str]]]]:
+    """(items to do, skipped items with the settings their outputs differ in), the same for every process.
+
+    Only the main process looks at the outputs, before any is written, and tells the others: machines
+    whose views of a shared folder lag behind still split the same list.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    found = None  # per item: None to do, else the settings its existing outputs differ in
+    if state.is_main_process:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        removed = clean_temporaries(items)
+        if removed:
+            print(f"batch: removed {removed} temporary file(s) an interrupted run left", file=sys.stderr)
+        found = [None if args.overwrite else existing_outputs(item) for item in items]
+    if state.num_processes > 1:
+        found = broadcast_object_list([found])[0]
+    pending = [item for item, differing in zip(items, found) if differing is None]
+    skipped = [(item, differing) for item, differing in zip(items, found) if differing is not None]
+    return pending, skipped
 
 
 def run_items(items: list[Item], args, state) -> list[dict]:
