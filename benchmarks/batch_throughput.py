@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all (default: cores)")
     parser.add_argument("--gpu", action="store_true", help="one process per GPU instead of CPU processes")
     args = parser.parse_args()
-    print(f"| size | processes | images | steps | wall s | images/hour (wall) | images/hour (batch) |")
+    print("| size | processes | images | steps | wall s | images/hour (wall) | images/hour (batch) |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"

@@ -151,7 +151,8 @@ def test_out_of_memory_fails_the_item_with_the_fix_and_the_batch_goes_on(tmp_pat
                  "-o", str(tmp_path / "out"), *FAST])
     assert code == 1 and calls == ["a.png", "b.png"]
     failed, done = report(tmp_path / "out")
-    assert failed["status"] == "failed" and "out of memory" in failed["error"] and "--patch-batch-size" in failed["error"]
+    assert failed["status"] == "failed" and "out of memory" in failed["error"]
+    assert "--patch-batch-size" in failed["error"]
     assert done["status"] == "done"
 
 
