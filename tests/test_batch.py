@@ -165,6 +165,7 @@ def test_out_of_memory_fails_the_item_with_the_fix_and_the_batch_goes_on(tmp_pat
     ([["image", "model"], ["a.png", "tiny"]], "items.csv line 2: model is set for the whole batch"),
     ([["image", "seed"], ["a.png", "1"], ["a.png", "2"]], "line 3 and items.csv line 2 would both write"),
     ([["image", "output"], ["a.png", "../data/a.png"]], "refusing to overwrite an input"),
+    ([["image", "output"], ["a.png", "result.gif"]], "items.csv line 2: cannot tell the format of the output"),
     ([["image", "mask"], ["a.png", "a_mask.png", "extra"]], "items.csv line 2: more cells than columns"),
 ])
 def test_manifest_errors_stop_the_command_before_any_work(tmp_path, capsys, rows, message):

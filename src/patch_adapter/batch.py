@@ -262,11 +262,14 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def check_outputs(items: list[Item]) -> None:
-    """Two items writing one file, or an output that is some item's input, is a wrong command: refuse it."""
+    """Two items writing one file, an output that is some item's input or has no image extension: refuse."""
     inputs = {p.resolve(): item for item in items for p in (item.image, item.mask) if p is not None}
     writers: dict[Path, Item] = {}
     for item in items:
         for path in item.outputs:
+            if path.suffix.lower() not in SUPPORTED_EXTENSIONS:  # found now, not after the item's compute
+                raise ValueError(f"{item.name}: cannot tell the format of the output {path} from its extension; "
+                                 f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
             key = path.resolve()
             if key in inputs:
                 raise ValueError(f"{item.name}: the output {path} is an input of {inputs[key].name}; "
