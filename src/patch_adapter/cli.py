@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .backbone import BackboneLoadError
+from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
 from .planning import METHODS
 from .training.commands import add_data_parser, add_train_parser
@@ -47,10 +48,18 @@ def add_inpaint_parser(subparsers) -> None:
     p.add_argument("--mask", help="mask image of the same size: white = fill, black = keep, grey thresholded at "
                                   "--mask-threshold. Without it, the image's alpha channel is the mask "
                                   "(transparent = fill)")
-    p.add_argument("--prompt", default="", help="what to put in the mask")
-    p.add_argument("--negative-prompt", default=None, help="what to avoid")
     p.add_argument("-o", "--output", help="output file (.png/.tif keep 16 bits) or folder; required unless --plan")
     p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file itself")
+    add_settings_options(p)
+    add_model_options(p)
+    p.add_argument("--plan", action="store_true",
+                   help="print the tile plan, UNet evaluation count and memory estimate; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_inpaint)
+
+
+def add_model_options(p) -> None:
+    """Flags of the model, loaded once: shared by `inpaint` and `batch` (one process, one model)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
                    help="'tiny' (built in, offline), a diffusers folder, a single-file .safetensors checkpoint, "
@@ -63,6 +72,12 @@ def add_inpaint_parser(subparsers) -> None:
     g.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves GPU memory)")
     g.add_argument("--scheduler", default=None, choices=["euler", "euler-a", "ddim", "dpm++", "unipc"],
                    help="sampler (default: the model's own)")
+
+
+def add_settings_options(p) -> None:
+    """Flags of one inpaint: shared by `inpaint` and `batch`, whose manifest columns are these names."""
+    p.add_argument("--prompt", default="", help="what to put in the mask")
+    p.add_argument("--negative-prompt", default=None, help="what to avoid")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="patch-adapter", choices=METHODS, help="the method or a baseline")
     g.add_argument("--steps", type=int, default=30, help="denoising steps of the whole-image pass (default 30)")
@@ -89,10 +104,6 @@ def add_inpaint_parser(subparsers) -> None:
                    help="memory the inpaint may use on its device, weights included, e.g. 20GiB or 16GB "
                         "(default: what the device has free); stage 2 picks its patch batch and where it keeps "
                         "reference banks to fit")
-    p.add_argument("--plan", action="store_true",
-                   help="print the tile plan, UNet evaluation count and memory estimate; run nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_inpaint)
 
 
 def output_paths(output: str, image_path: str, count: int) -> list[Path]:
@@ -158,10 +169,6 @@ def plan_only(args, loaded, mask) -> int:
 
 
 def run_inpaint(args) -> int:
-    import torch
-
-    from .backbone import resolve_device
-
     # 1. Inputs first: a wrong mask fails before minutes of model loading
     loaded = load_image(args.image)
     mask = load_mask(args.mask, loaded, threshold=args.mask_threshold)
@@ -177,32 +184,61 @@ def run_inpaint(args) -> int:
                 raise ValueError(f"refusing to overwrite the input {item}; choose another -o or pass --overwrite-input")
 
     # 2. Model
+    started = time.perf_counter()
+    pipe = load_pipeline(args)
+
+    # 3. Inpaint
+    result = pipe(image=loaded, mask_image=mask, **pipeline_kwargs(args))
+    elapsed = time.perf_counter() - started
+
+    # 4. Write, atomically, with the parameters in the file
+    save_results(paths, result, output_metadata(args, pipe, result), loaded, protect, args.overwrite_input)
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"{result.plan.unet_forwards} UNet forwards in {elapsed:.1f} s", file=sys.stderr)
+    return 0
+
+
+def load_pipeline(args, device=None):
+    """The pipeline the model flags ask for; `device` overrides --device (one GPU per process in a batch)."""
+    from .backbone import resolve_device
     from .pipeline import PatchAdapterPipeline
 
-    device = resolve_device(args.device)
+    device = resolve_device(device or args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    started = time.perf_counter()
+    if args.quiet:  # the libraries' own loading bars too
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     pipe = PatchAdapterPipeline.from_pretrained(
         args.model, adapter=args.adapter, device=str(device), dtype=dtype, cpu_offload=args.cpu_offload,
         config=args.config, scheduler=args.scheduler,
     )
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    return pipe
 
-    # 3. Inpaint
-    generator = torch.Generator().manual_seed(args.seed)
-    result = pipe(
-        prompt=args.prompt, image=loaded, mask_image=mask, negative_prompt=args.negative_prompt,
+
+def pipeline_kwargs(args) -> dict:
+    """The settings flags as pipeline keywords, seeded generator included: one mapping for inpaint and batch."""
+    import torch
+
+    return dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
         method=args.method, num_inference_steps=args.steps, refine_steps=args.refine_steps,
         guidance_scale=args.guidance_scale, strength=args.strength, refine_strength=args.refine_strength,
-        generator=generator, dca_scale=args.dca_scale, rpa_scale=args.rpa_scale, tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap, mask_dilation=args.mask_dilation, mask_feather=args.mask_feather,
-        crop_margin=args.crop_margin, patch_batch_size=args.patch_batch_size, max_memory=args.max_memory,
+        generator=torch.Generator().manual_seed(args.seed), dca_scale=args.dca_scale, rpa_scale=args.rpa_scale,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, mask_dilation=args.mask_dilation,
+        mask_feather=args.mask_feather, crop_margin=args.crop_margin, patch_batch_size=args.patch_batch_size,
+        max_memory=args.max_memory,
         num_images_per_prompt=args.num_images,
     )
-    elapsed = time.perf_counter() - started
 
-    # 4. Write, atomically, with the parameters in the file
-    metadata = {
+
+def output_metadata(args, pipe, result) -> dict:
+    """What a result file records of how it was made (PNG text chunk or .json sidecar)."""
+    return {
         "patch_adapter_version": __version__, "model": args.model, "adapter": args.adapter,
         "method": args.method, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "seed": args.seed, "steps": args.steps, "refine_steps": args.refine_steps or args.steps,
@@ -214,16 +250,17 @@ def run_inpaint(args) -> int:
         "mask_threshold": args.mask_threshold, "scheduler": type(pipe.scheduler).__name__,
         "unet_forwards": result.plan.unet_forwards,
     }
+
+
+def save_results(paths, result, metadata, loaded, protect, overwrite_input) -> None:
+    """Write each result atomically, in the input's bit depth where the format holds it, never over an input."""
     for index, (path, pixels) in enumerate(zip(paths, result.arrays)):
         if pixels.dtype == np.uint16 and path.suffix.lower() in EIGHT_BIT_SUFFIXES:
             print(f"note: {path.suffix} holds 8 bits; the 16-bit result is written as 8-bit "
                   f"(use .png or .tif to keep 16 bits)", file=sys.stderr)
             pixels = from_float(to_float(pixels), np.uint8)
         save_image(path, pixels, metadata={**metadata, "index": index}, protect=protect,
-                   overwrite_input=args.overwrite_input, icc_profile=loaded.icc_profile)
-        print(f"wrote {path}")
-    print(f"{result.plan.unet_forwards} UNet forwards in {elapsed:.1f} s", file=sys.stderr)
-    return 0
+                   overwrite_input=overwrite_input, icc_profile=loaded.icc_profile)
 
 
 def add_demo_parser(subparsers) -> None:
@@ -267,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patch-adapter {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_inpaint_parser(subparsers)
+    add_batch_parser(subparsers)
     add_train_parser(subparsers)
     add_data_parser(subparsers)
     add_demo_parser(subparsers)

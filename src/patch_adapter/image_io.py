@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import struct
 import warnings
@@ -37,6 +38,8 @@ __all__ = [
     "to_float",
     "from_float",
     "save_image",
+    "atomic_write",
+    "remove_stale_temp_files",
     "read_metadata",
 ]
 
@@ -71,6 +74,8 @@ _PARAMETERS_KEY = "parameters"
 _ORIENTATION_TAG = ExifTags.Base.Orientation
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IHDR_END = 33  # signature (8) + IHDR chunk: length (4) + type (4) + data (13) + CRC (4)
+_TEMP_TOKEN_BYTES = 6
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{%d}\.tmp" % (2 * _TEMP_TOKEN_BYTES))
 
 
 class ImageInputError(ValueError):
@@ -545,13 +550,13 @@ def save_image(
         _refuse_protected(target, protect)
     metadata_json = None if metadata is None else json.dumps(metadata, sort_keys=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_write(target) as f:
+    with atomic_write(target) as f:
         if pixels.dtype == np.uint16:
             _write_16bit(f, pixels, file_format, metadata, metadata_json, icc_profile)
         else:
             _write_8bit(f, pixels, file_format, metadata, metadata_json, icc_profile)
     if metadata_json is not None and file_format != "PNG":
-        with _atomic_write(_sidecar_path(target)) as f:
+        with atomic_write(_sidecar_path(target)) as f:
             f.write(metadata_json.encode("utf-8"))
 
 
@@ -619,9 +624,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _atomic_write(target: Path) -> Iterator[IO[bytes]]:
+def atomic_write(target: Path) -> Iterator[IO[bytes]]:
     """Yield a file that replaces ``target`` only once completely written and fsynced."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp")
     # os.open with 0o666 lets the umask decide permissions, as for a normally created file.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -635,6 +640,26 @@ def _atomic_write(target: Path) -> Iterator[IO[bytes]]:
             os.unlink(temp)
         raise
     _fsync_folder(target.parent)
+
+
+def remove_stale_temp_files(folder: PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that writes of ``names`` into ``folder`` left behind; returns them.
+
+    :func:`atomic_write` removes its temporary file on any exception, but a process killed
+    outright (SIGKILL, power loss) cannot. Call this only while nothing is writing these
+    names, e.g. before a batch resumes. Metadata sidecars (``<name>.json``) are included.
+    """
+    wanted = set(names)
+    wanted |= {_sidecar_path(Path(name)).name for name in wanted}
+    removed = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMP_NAME.fullmatch(entry.name)
+            if match and match["name"] in wanted and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -361,28 +361,9 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
 
     def check_call_inputs(self, method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
                           mask_dilation, mask_feather, num_images, patch_batch_size=None, reference_banks="auto"):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        if steps < 1 or (refine_steps is not None and refine_steps < 1):
-            raise ValueError("num_inference_steps and refine_steps must be at least 1")
-        for name, value in (("strength", strength), ("refine_strength", refine_strength)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if min(int(steps * strength), steps) < 1:
-            raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
-        factor = self.vae_scale_factor
-        tile = tile_size or self.native_size
-        overlap = tile_overlap if tile_overlap is not None else self.native_size // 4
-        if tile % factor or overlap % factor or tile <= 0:
-            raise ValueError(f"tile_size ({tile}) and tile_overlap ({overlap}) must be positive multiples of {factor} px")
-        if not 0 <= overlap < tile:
-            raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
-        if mask_dilation < 0 or mask_feather < 0:
-            raise ValueError("mask_dilation and mask_feather are pixel counts and cannot be negative")
-        if num_images < 1:
-            raise ValueError("num_images_per_prompt must be at least 1")
-        if patch_batch_size is not None and patch_batch_size < 1:
-            raise ValueError("patch_batch_size must be at least 1 (or None: the most that fit in memory)")
+        check_call_settings(method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
+                            mask_dilation, mask_feather, num_images, patch_batch_size,
+                            native=self.native_size, factor=self.vae_scale_factor)
         if reference_banks not in ("auto",) + BANK_PLACEMENTS:
             raise ValueError(f"reference_banks must be auto, {', '.join(BANK_PLACEMENTS)}; got {reference_banks!r}")
         if reference_banks == "host" and self._execution_device.type == "cpu":
@@ -806,6 +787,33 @@ def retry_out_of_memory(refine, stage2: Stage2Memory, generator, device):
                 generator.set_state(state)
             else:
                 torch.random.set_rng_state(state)
+def check_call_settings(method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
+                        mask_dilation, mask_feather, num_images, patch_batch_size=None, *, native: int, factor: int = 8,
+                        mask_threshold: float = 0.5):
+    """Refuse settings the pipeline cannot run, before any work (batch checks a manifest's rows with it)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if steps < 1 or (refine_steps is not None and refine_steps < 1):
+        raise ValueError("num_inference_steps and refine_steps must be at least 1")
+    for name, value in (("strength", strength), ("refine_strength", refine_strength)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    if min(int(steps * strength), steps) < 1:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+    tile = tile_size or native
+    overlap = tile_overlap if tile_overlap is not None else native // 4
+    if tile % factor or overlap % factor or tile <= 0:
+        raise ValueError(f"tile_size ({tile}) and tile_overlap ({overlap}) must be positive multiples of {factor} px")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
+    if mask_dilation < 0 or mask_feather < 0:
+        raise ValueError("mask_dilation and mask_feather are pixel counts and cannot be negative")
+    if num_images < 1:
+        raise ValueError("num_images_per_prompt must be at least 1")
+    if patch_batch_size is not None and patch_batch_size < 1:
+        raise ValueError("patch_batch_size must be at least 1 (or None: the most that fit in memory)")
+    if not 0.0 <= mask_threshold <= 1.0:
+        raise ValueError(f"mask_threshold must be in [0, 1], got {mask_threshold}; 0.5 is the usual value")
 
 
 def randn_like_region(latents: torch.Tensor, generator) -> torch.Tensor:
