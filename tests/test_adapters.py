@@ -1,4 +1,4 @@
-"""The adapters as METHOD.md specifies them, checked against hand-written formulas."""
+"""The adapters as docs/method.md specifies them, checked against hand-written formulas."""
 
 import math
 

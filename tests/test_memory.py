@@ -75,7 +75,7 @@ def test_other_errors_are_not_retried(pipe, monkeypatch):
 
     monkeypatch.setattr(type(pipe), "_refine_patches", broken)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*out of memory")
         with pytest.raises(RuntimeError, match="shapes"):
             run(pipe, image, mask, patch_batch_size=2)
 
@@ -136,3 +136,40 @@ def test_a_tight_budget_picks_smaller_settings(pipe):
     tight = pipe.plan(image, mask, num_inference_steps=4, max_memory=budget).memory
     assert tight.bank_placement == "recompute" and tight.peak <= budget
     assert estimate_memory(pipe, pipe.plan(image, mask, num_inference_steps=4), 8, "device").peak > budget
+
+
+def test_cli_plan_prints_the_memory_estimate_without_loading_weights(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from patch_adapter import cli, pipeline
+
+    monkeypatch.setattr(pipeline.PatchAdapterPipeline, "from_pretrained",
+                        lambda *a, **k: pytest.fail("--plan must not load the model"))
+    Image.fromarray(random_image(512, 384)).save(tmp_path / "image.png")
+    Image.fromarray(box_mask(384, 512, 40, 40, 300, 400).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    argv = ["inpaint", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), "--plan",
+            "--device", "cpu"]
+    assert cli.main(argv) == 0
+    roomy = capsys.readouterr().out
+    assert "memory estimate on cpu (float32): peak" in roomy and "patch batch 8" in roomy
+    assert cli.main(argv + ["--max-memory", "12MiB"]) == 0
+    tight = capsys.readouterr().out
+    assert "reference banks on the recompute" in tight, tight
+
+
+@pytest.mark.parametrize("text, expected", [("20GiB", 20 * 2**30), ("16GB", 16 * 10**9), ("8000 MB", 8 * 10**9),
+                                            ("1024", 1024), ("1.5kib", 1536)])
+def test_memory_sizes_parse(text, expected):
+    from patch_adapter.cli import memory_size
+
+    assert memory_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "nanGB", "3 parsecs", "0"])
+def test_bad_memory_sizes_are_refused(text):
+    import argparse
+
+    from patch_adapter.cli import memory_size
+
+    with pytest.raises(argparse.ArgumentTypeError, match="memory size"):
+        memory_size(text)

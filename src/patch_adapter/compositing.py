@@ -30,7 +30,7 @@ def _coverage_bins(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
 def resize_mask_any(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a bool mask to (height, width) so that no masked pixel is lost.
 
-    METHOD.md stage 1: area interpolation, then any coverage > 0 counts as masked.
+    docs/method.md stage 1: area interpolation, then any coverage > 0 counts as masked.
     Works on the mask's bounding box only, so a small mask on a 16K image is cheap.
     """
     height, width = mask.shape

@@ -9,7 +9,7 @@ prompt encoding, latent and mask preparation, schedulers and VAE, and adds
   each attending to its reference patch through the Reference Patch Adapter
   (`_refine_patches`);
 - compositing that leaves every pixel outside the mask bit-identical;
-- the baselines of METHOD.md by name (`method=`).
+- the baselines of docs/method.md by name (`method=`).
 """
 
 from __future__ import annotations
@@ -517,7 +517,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
     def _stage1_at(self, pixels, mask, size, text, generator, steps, strength, dca_scale) -> torch.Tensor:
         """Inpaint `pixels` (uint8/uint16) resized to `size`; returns (1, 3, h, w) in [0, 1].
 
-        The mask is resized so that no masked pixel is lost (METHOD.md, stage 1).
+        The mask is resized so that no masked pixel is lost (docs/method.md, stage 1).
         """
         width, height = size
         small = resize_image(pixels, (height, width))

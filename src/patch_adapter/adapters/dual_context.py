@@ -1,6 +1,6 @@
 """Dual Context Adapter (stage 1): global coherence between masked and unmasked regions.
 
-METHOD.md, stage 1. In every cross-attention layer (`attn2`), with image tokens z,
+docs/method.md, stage 1. In every cross-attention layer (`attn2`), with image tokens z,
 text tokens c and the mask m on the layer's grid:
 
     Z   = Attn(z W_q, c W_k, c W_v)                       frozen cross-attention
@@ -9,7 +9,7 @@ text tokens c and the mask m on the layer's grid:
     out = W_out(Z + scale * Z'')
 
 W'_q starts as a copy of W_q, W'_k as the identity and W'_v at zero, so an untrained
-adapter leaves the backbone exactly as it was (our choice, METHOD.md).
+adapter leaves the backbone exactly as it was (our choice, docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The quality benchmark (issue 5, item 6): every method on the same known-truth tasks.
 
-Each method of METHOD.md, and Patch-Adapter without each adapter, inpaints the same
+Each method of docs/method.md, and Patch-Adapter without each adapter, inpaints the same
 seeded insert/remove tasks with the same backbone, steps and noise seed. Every result
 is scored against the task's truth (`scoring.score_result`), and `summarize` turns the
 records into one mean and 95% interval per method and statistic, for a table and a

@@ -71,7 +71,7 @@ class TrainConfig:
     # --- masks
     mask_mix: dict = field(default_factory=default_mask_mix)  # weights of brush/box/large/border/object masks
 
-    # --- stage 2 references (METHOD.md: downscale to native, upscale back, same crop, degraded)
+    # --- stage 2 references (docs/method.md: downscale to native, upscale back, same crop, degraded)
     reference_blur: float = 0.5  # probability of a Gaussian blur of the reference
     reference_blur_sigma: float = 1.5  # largest blur sigma in pixels
     reference_color: float = 0.5  # probability of a colour shift

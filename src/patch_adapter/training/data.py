@@ -1,6 +1,6 @@
 """Training data: image-caption records, aspect buckets, stage-2 crops and references.
 
-Layouts read (METHOD.md trains on image-caption sets such as OpenImages and
+Layouts read (docs/method.md trains on image-caption sets such as OpenImages and
 Photo-Concept-Bucket; docs/training.md shows how to bring them into one of these):
 
 - Hugging Face *imagefolder*: a folder (searched recursively) with ``metadata.jsonl``
@@ -392,7 +392,7 @@ def synthesize_reference(image: np.ndarray, box: tuple, native: int, rng: np.ran
     The whole image is downscaled to the native pixel count and upsampled back
     (bicubic, only inside the box), then degraded at random so that RPA learns to
     use the reference without copying it: a small misalignment, a blur, a colour
-    shift (METHOD.md, stage 2 training, our choice).
+    shift (docs/method.md, stage 2 training, our choice).
     """
     from ..resampling import resize_image, sample_region
 

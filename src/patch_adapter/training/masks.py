@@ -5,7 +5,7 @@ fill) driven only by the `np.random.Generator` it is given, so a mask is a
 function of its seed. `random_mask` draws the kind from a configurable mix.
 
 The kinds follow what inpainting models are trained with (LaMa's and SD-inpainting's
-generators) and what METHOD.md asks for: brush strokes, boxes, large areas (over half
+generators) and what docs/method.md asks for: brush strokes, boxes, large areas (over half
 the image), border masks (outpainting) and object-shaped masks (the dataset's own
 object masks where it has them).
 """

@@ -12,7 +12,7 @@ functions:
       6. the loop: loss, backward, step; log, checkpoint, validate
       7. export: <output>/dca.safetensors or rpa.safetensors, the summary
 
-Loss (METHOD.md, "Training"): the backbone's noise-prediction MSE (epsilon for
+Loss (docs/method.md, "Training"): the backbone's noise-prediction MSE (epsilon for
 SDXL-inpainting, v for a v-prediction backbone) with its 9-channel input [noisy
 latents, mask, masked-image latents], random timesteps, the caption as prompt
 (dropped at random for classifier-free guidance).
