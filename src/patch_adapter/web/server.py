@@ -21,6 +21,7 @@ import math
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -547,6 +548,10 @@ def serve(args) -> int:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def stop(signum, frame):  # uvicorn re-raises SIGTERM after its graceful shutdown: exit through `finally`
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     with tempfile.TemporaryDirectory(prefix="patch-adapter-web-") as workdir:
@@ -557,6 +562,8 @@ def serve(args) -> int:
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"Patch-Adapter web app on http://{shown}:{args.port}/ (model {args.model}; Ctrl-C stops it)",
               flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-        state.close()
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+        finally:
+            state.close()
     return 0

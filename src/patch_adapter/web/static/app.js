@@ -6,12 +6,13 @@
 
 const $ = (id) => document.getElementById(id);
 const TILE = 256;            // undo granularity of the mask, in cells
+const OTILE = 512;           // the overlay is drawn from canvases this large, made where the mask is painted
 const PREVIEW_SIDE = 2048;   // zoomed out, the picture is drawn from a copy this large
 const MASK_RGBA = 0xd05010ff; // ABGR (little endian): a translucent orange-red overlay is drawn from it
 
 const S = {
   config: null, image: null, full: null, preview: null, previewScale: 1,
-  mask: null, maskCanvas: null, maskCtx: null, version: 0, sending: Promise.resolve(),
+  mask: null, overlay: new Map(), version: 0, sending: Promise.resolve(),
   undo: [], redo: [], stroke: null, tool: "brush", brush: 40,
   view: { scale: 1, ox: 0, oy: 0 }, pointer: null, space: false, panning: null,
   mode: "edit", comparing: false, result: null, plan: null, jobs: [], polling: false, shownJob: null,
@@ -73,7 +74,7 @@ function buildSettings() {
     row.append(label, input);
     if (field.name === "seed") {
       const dice = document.createElement("button");
-      dice.textContent = "\u{1F3B2}";
+      dice.textContent = "\u2684";  // a die
       dice.title = "random seed";
       dice.id = "dice";
       dice.onclick = () => { input.value = Math.floor(Math.random() * 2 ** 31); };
@@ -140,15 +141,14 @@ async function setPicture(entry, bitmap) {
     resizeHeight: Math.max(1, Math.round(entry.height * shrink)), resizeQuality: "medium",
   }) : bitmap;
   S.mask = new Uint8Array(entry.mask_width * entry.mask_height);
-  S.maskCanvas = document.createElement("canvas");
-  S.maskCanvas.width = entry.mask_width; S.maskCanvas.height = entry.mask_height;
-  S.maskCtx = S.maskCanvas.getContext("2d");
+  S.overlay = new Map();
   S.undo = []; S.redo = []; S.version = 0;
   $("drop-hint").hidden = true;
   $("image-info").textContent = `${entry.name} ${entry.width}x${entry.height}` +
     (entry.cell > 1 ? ` (mask cells of ${entry.cell}x${entry.cell} px)` : "");
   $("run-button").disabled = false;
   setMode("edit");
+  setBrush(Math.max(8, Math.max(entry.width, entry.height) / 40));  // 2.5% of the long side
   fit();
   schedulePlan();
 }
@@ -237,24 +237,53 @@ function strokeTo(x, y) {  // x, y in cells
   draw();
 }
 
-// the overlay canvas from the mask bytes, for one rectangle of cells
+// the overlay canvases from the mask bytes, for one rectangle of cells. Small canvases, because
+// changing a few pixels of one 8192x5464 canvas costs a frame of ~400 ms in chromium.
 function paintOverlay(x, y, w, h) {
   if (w <= 0 || h <= 0) return;
-  const data = new ImageData(w, h), px = new Uint32Array(data.data.buffer), mw = S.image.mask_width;
-  for (let r = 0; r < h; r++) {
-    const row = (y + r) * mw + x;
-    for (let c = 0; c < w; c++) if (S.mask[row + c]) px[r * w + c] = MASK_RGBA;
+  const mw = S.image.mask_width, mh = S.image.mask_height;
+  for (let ty = Math.floor(y / OTILE); ty <= Math.floor((y + h - 1) / OTILE); ty++) {
+    for (let tx = Math.floor(x / OTILE); tx <= Math.floor((x + w - 1) / OTILE); tx++) {
+      const x0 = Math.max(x, tx * OTILE), y0 = Math.max(y, ty * OTILE);
+      const x1 = Math.min(x + w, (tx + 1) * OTILE, mw), y1 = Math.min(y + h, (ty + 1) * OTILE, mh);
+      const data = new ImageData(x1 - x0, y1 - y0), px = new Uint32Array(data.data.buffer);
+      let any = false;
+      for (let r = y0; r < y1; r++) {
+        const row = r * mw, out = (r - y0) * (x1 - x0) - x0;
+        for (let c = x0; c < x1; c++) if (S.mask[row + c]) { px[out + c] = MASK_RGBA; any = true; }
+      }
+      const key = `${tx},${ty}`;
+      let tile = S.overlay.get(key);
+      if (!tile && !any) continue;
+      if (!tile) {
+        tile = document.createElement("canvas");
+        tile.width = Math.min(OTILE, mw - tx * OTILE); tile.height = Math.min(OTILE, mh - ty * OTILE);
+        tile.x = tx * OTILE; tile.y = ty * OTILE;
+        S.overlay.set(key, tile);
+      }
+      tile.getContext("2d").putImageData(data, x0 - tile.x, y0 - tile.y);
+    }
   }
-  S.maskCtx.putImageData(data, x, y);
+}
+
+function drawOverlay(w, h) {
+  const { scale, ox, oy } = S.view, k = S.image.cell * scale;
+  ctx.imageSmoothingEnabled = false;
+  ctx.globalAlpha = 0.5;
+  for (const tile of S.overlay.values()) {
+    const dx = ox + tile.x * k, dy = oy + tile.y * k, dw = tile.width * k, dh = tile.height * k;
+    if (dx < w && dy < h && dx + dw > 0 && dy + dh > 0) ctx.drawImage(tile, dx, dy, dw, dh);
+  }
+  ctx.globalAlpha = 1;
 }
 
 function packMask() {  // 1 bit a cell, first cell in the high bit (numpy's packbits)
-  const m = S.mask, n = m.length, out = new Uint8Array((n + 7) >> 3);
-  for (let i = 0, j = 0; i < n; i += 8, j++) {
-    let b = 0;
-    for (let k = 0; k < 8; k++) b = (b << 1) | (m[i + k] || 0);
-    out[j] = b;
+  const m = S.mask, n = m.length, out = new Uint8Array((n + 7) >> 3), whole = n >> 3;
+  for (let j = 0, i = 0; j < whole; j++, i += 8) {
+    out[j] = (m[i] << 7) | (m[i + 1] << 6) | (m[i + 2] << 5) | (m[i + 3] << 4) |
+      (m[i + 4] << 3) | (m[i + 5] << 2) | (m[i + 6] << 1) | m[i + 7];
   }
+  for (let i = whole * 8; i < n; i++) out[whole] |= m[i] << (7 - (i & 7));
   return out;
 }
 function unpackMask(bits) {
@@ -305,8 +334,8 @@ async function refreshPlan() {
       $("plan-text").textContent = "the mask is empty: paint the area to fill";
     } else {
       const lines = [];
-      if (plan.stage1_size) lines.push(`whole image at ${plan.stage1_size[0]}x${plan.stage1_size[1]}, ${plan.stage1_steps} steps`);
-      if (plan.patches) lines.push(`${plan.patches} patches in ${plan.groups.length} group(s), ${plan.stage2_steps} steps each`);
+      if (plan.stage1_size) lines.push(`whole image at ${plan.stage1_size[0]}x${plan.stage1_size[1]}, ${plan.stage1_steps} step(s)`);
+      if (plan.patches) lines.push(`${plan.patches} patches in ${plan.groups.length} group(s), ${plan.stage2_steps} step(s) each`);
       lines.push(`${plan.unet_evaluations} UNet evaluations (${plan.unet_forwards} forwards)`);
       $("plan-text").textContent = lines.join("\n");
     }
@@ -482,9 +511,7 @@ function drawPane(which, w, h) {
   if (zoomedOut) drawPicture(pair[1], S.previewScale, w, h, true);
   else drawPicture(pair[0], 1, w, h, S.view.scale < 1);
   if (which === "before" && S.mode === "edit") {
-    ctx.globalAlpha = 0.5;
-    drawPicture(S.maskCanvas, 1 / S.image.cell, w, h, false);
-    ctx.globalAlpha = 1;
+    drawOverlay(w, h);
     if ($("show-plan").checked && S.plan && S.plan.groups) drawPlan();
   }
 }
