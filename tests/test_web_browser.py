@@ -104,8 +104,18 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         page.goto(server)
         page.wait_for_selector("body[data-ready]")
 
+        # a file that is not a picture: a message in the page, and the page goes on working
+        (tmp_path / "notes.txt").write_text("not a picture")
+        page.set_input_files("#open-file", str(tmp_path / "notes.txt"))
+        page.wait_for_selector("#message.error:has-text('not an image file')")
+
         page.set_input_files("#open-file", str(tmp_path / "picture.png"))
         page.wait_for_function("window.openMs !== undefined", timeout=30_000)
+        page.click("#run-button")  # nothing painted yet
+        page.wait_for_selector("#message.error:has-text('mask is empty')")
+        Image.new("L", (640, 480), 255).save(tmp_path / "small_mask.png")
+        page.set_input_files("#mask-file", str(tmp_path / "small_mask.png"))
+        page.wait_for_selector("#message.error:has-text('mask is 640x480 but the image is 2048x1536')")
         page.fill("#s-prompt", "a red circle")
         page.fill("#s-steps", "3")
         page.fill("#s-seed", "7")
