@@ -152,6 +152,21 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         with page.expect_download() as download:
             page.click("#download")
         download.value.save_as(tmp_path / "result.png")
+
+        # drag and drop, and paste, open pictures too
+        for event in ("drop", "paste"):
+            width = 64 if event == "drop" else 80
+            page.evaluate("""async ([event, width]) => {
+                const canvas = new OffscreenCanvas(width, 48);
+                canvas.getContext("2d").fillRect(0, 0, 10, 10);
+                const file = new File([await canvas.convertToBlob()], "small.png", { type: "image/png" });
+                const data = new DataTransfer();
+                data.items.add(file);
+                const target = event === "drop" ? document.getElementById("viewport") : document;
+                target.dispatchEvent(event === "drop" ? new DragEvent("drop", { dataTransfer: data, bubbles: true })
+                                                      : new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+            }""", [event, width])
+            page.wait_for_selector(f"#image-info:has-text('small.png {width}x48')")
         assert not errors, errors
         browser.close()
 

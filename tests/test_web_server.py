@@ -101,6 +101,17 @@ def test_upload_mask_plan_run_download_is_bit_identical_outside(client):
     assert '"steps": 2' in meta["patch_adapter"] and "prompt: a red circle" in meta["parameters"]
 
 
+def test_progress_names_each_patch_group(client):
+    image = upload(client, random_image(160, 640, seed=7))
+    mask = np.zeros((160, 640), dtype=bool)
+    mask[60:80, 20:40] = mask[60:80, 600:620] = True  # two groups of patches, far apart
+    send_mask(client, image, mask)
+    job = client.post("/api/jobs", json={"image_id": image["id"], "mask_version": 1, "settings": FAST}).json()
+    assert job["groups"] == 2
+    job = wait(client, job["id"])
+    assert job["state"] == "done" and job["group"] == 2 and job["stage"].startswith("patches")
+
+
 def test_mask_png_round_trips_and_mask_file_loads(client, tmp_path):
     image = upload(client, random_image(64, 96, seed=2))
     mask = np.zeros((64, 96), dtype=bool)
@@ -114,6 +125,17 @@ def test_mask_png_round_trips_and_mask_file_loads(client, tmp_path):
     assert loaded["pixels"] == mask.sum() and loaded["version"] == 2 and loaded["note"] is None
     bits = client.get(f"/api/images/{image['id']}/mask.bits").content
     assert np.array_equal(np.unpackbits(np.frombuffer(bits, np.uint8), count=mask.size).reshape(mask.shape), mask)
+
+
+def test_a_16_bit_tiff_opens_with_an_8_bit_view_and_keeps_16_bits(client, tmp_path):
+    from patch_adapter.image_io import save_image
+
+    pixels = (random_image(40, 56, seed=6).astype(np.uint16) * 257)
+    save_image(tmp_path / "deep.tif", pixels)
+    image = client.post("/api/images", content=(tmp_path / "deep.tif").read_bytes()).json()
+    assert image["bit_depth"] == 16
+    view = np.asarray(Image.open(io.BytesIO(client.get(f"/api/images/{image['id']}/display.png").content)))
+    assert view.dtype == np.uint8 and np.array_equal(view, (pixels // 257).astype(np.uint8))
 
 
 @pytest.mark.parametrize("body, message", [

@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import __version__
 from ..compositing import mask_bbox
-from ..image_io import ImageInputError, LoadedImage, load_image, load_mask, save_image
+from ..image_io import ImageInputError, LoadedImage, from_float, load_image, load_mask, save_image, to_float
 from ..planning import METHODS
 from . import DEFAULT_UPLOAD_MB
 from .jobs import (Job, JobQueue, SettingsError, native_size_for, parse_settings, plan_for, plan_json,
@@ -439,6 +439,17 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         await run_in_threadpool(save_image, path, pixels)
         return FileResponse(path, media_type="image/png", filename=f"{safe_stem(entry.name)}_mask.png")
 
+    async def display_png(request):
+        """The picture as an 8-bit PNG, for formats the browser cannot decode (TIFF)."""
+        entry = state.image(request.path_params["image_id"])
+        path = state.workdir / "uploads" / f"{entry.id}.display.png"
+        if not path.exists():
+            pixels = state.loaded(entry).pixels
+            if pixels.dtype != np.uint8:
+                pixels = from_float(to_float(pixels), np.uint8)
+            await run_in_threadpool(save_image, path, pixels)
+        return FileResponse(path, media_type="image/png")
+
     async def plan(request):
         body = await _json(request)
         entry = state.image(body.get("image_id"))
@@ -499,6 +510,7 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         Route("/api/images/{image_id}/mask-file", mask_file, methods=["POST"]),
         Route("/api/images/{image_id}/mask.bits", get_mask_bits),
         Route("/api/images/{image_id}/mask.png", get_mask_png),
+        Route("/api/images/{image_id}/display.png", display_png),
         Route("/api/plan", plan, methods=["POST"]),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs", jobs),
@@ -562,6 +574,10 @@ def serve(args) -> int:
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"Patch-Adapter web app on http://{shown}:{args.port}/ (model {args.model}; Ctrl-C stops it)",
               flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"note: --host {args.host} lets other machines reach the app, without authentication; it answers "
+                  f"only requests addressed to http://{shown}:{args.port}/ or to this machine's loopback",
+                  file=sys.stderr)
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
         finally:

@@ -121,12 +121,12 @@ async function openPicture(file) {
         .then((r) => r.json()),
       createImageBitmap(file, { imageOrientation: "from-image" }).catch(() => null),
     ]);
-    if (!bitmap) throw new Error(`the server read ${file.name}, but this browser cannot display it; convert it to PNG`);
-    if (bitmap.width !== entry.width || bitmap.height !== entry.height) {
-      throw new Error(`the browser decodes ${file.name} as ${bitmap.width}x${bitmap.height} but the server as ` +
+    const shown = bitmap || await createImageBitmap(await (await api(`/api/images/${entry.id}/display.png`)).blob());
+    if (shown.width !== entry.width || shown.height !== entry.height) {
+      throw new Error(`the browser decodes ${file.name} as ${shown.width}x${shown.height} but the server as ` +
         `${entry.width}x${entry.height} (EXIF rotation?); save it upright as PNG and open it again`);
     }
-    await setPicture(entry, bitmap);
+    await setPicture(entry, shown);
     window.openMs = performance.now() - started;  // read by the browser test
     message(`${entry.name}: ${entry.width}x${entry.height}, ${entry.bit_depth}-bit, opened in ${Math.round(window.openMs)} ms`);
   } catch (err) { fail(err); }
