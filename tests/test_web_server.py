@@ -139,12 +139,13 @@ def test_a_16_bit_tiff_opens_with_an_8_bit_view_and_keeps_16_bits(client, tmp_pa
 
 
 @pytest.mark.parametrize("body, message", [
-    (b"this is not a picture", "not an image file"),
+    (b"this is not a picture", "notes.txt is not an image file"),
     (b"", "empty"),
 ])
 def test_bad_uploads_get_a_message_and_the_server_keeps_running(client, body, message):
     response = client.post("/api/images", content=body, headers={"X-Filename": "notes.txt"})
     assert response.status_code == 400 and message in response.json()["error"]
+    assert "uploads" not in response.json()["error"]  # named as the user's file, not the server's path
     assert client.get("/api/config").status_code == 200
 
 

@@ -26,9 +26,10 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 from starlette.applications import Starlette
@@ -132,11 +133,11 @@ class WebState:
     """Everything the app holds: pictures, masks, the job queue, results, the pipeline."""
 
     def __init__(self, workdir: Path, model: str = "tiny", pipe=None, pipe_factory=None,
-                 max_upload_bytes: int = int(DEFAULT_UPLOAD_MB * 1e6)):
+                 max_upload_bytes: int = int(DEFAULT_UPLOAD_MB * 1e6), adapter=None):
         self.workdir = Path(workdir)
         for sub in ("uploads", "results", "masks"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        self.model = model
+        self.model, self.adapter = model, adapter
         self.max_upload_bytes = max_upload_bytes
         self.images: dict[str, ImageEntry] = {}
         self.results: dict[str, ResultEntry] = {}
@@ -270,7 +271,8 @@ class WebState:
         result_id = secrets.token_hex(8)
         path = self.workdir / "results" / f"{result_id}.png"
         settings = settings_dict(s)
-        metadata = {"patch_adapter_version": __version__, "model": self.model, **settings,
+        metadata = {"patch_adapter_version": __version__, "model": self.model, "adapter": self.adapter,
+                    **settings,
                     "refine_steps": s.refine_steps or s.steps, "scheduler": type(pipe.scheduler).__name__,
                     "tile_size": s.tile_size or pipe.native_size,
                     "tile_overlap": s.tile_overlap if s.tile_overlap is not None else pipe.native_size // 4,
@@ -394,11 +396,12 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         })
 
     async def upload_image(request):
-        name = request.headers.get("x-filename", "picture")
+        name = unquote(request.headers.get("x-filename", "")) or "the picture"
         path = state.workdir / "uploads" / secrets.token_hex(8)
         await receive_upload(request, path, state.max_upload_bytes)
         try:
-            entry = await run_in_threadpool(state.add_image, path, name)
+            with named(path, name):
+                entry = await run_in_threadpool(state.add_image, path, name)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -419,7 +422,8 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         path = state.workdir / "masks" / secrets.token_hex(8)
         await receive_upload(request, path, state.max_upload_bytes)
         try:
-            grown = await run_in_threadpool(state.set_mask_file, entry, path)
+            with named(path, "the mask file"), named(entry.path, entry.name):
+                grown = await run_in_threadpool(state.set_mask_file, entry, path)
         finally:
             path.unlink(missing_ok=True)
         note = (f"the mask was grown to the page's {entry.cell}x{entry.cell} px grid for a picture this large"
@@ -525,6 +529,15 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
     return LocalOnly(app, allowed_hosts(host, port))
 
 
+@contextmanager
+def named(path: Path, name: str):
+    """Messages about an upload name the user's file, not the server's temporary path."""
+    try:
+        yield
+    except ImageInputError as err:
+        raise type(err)(str(err).replace(str(path), name)) from None
+
+
 async def _json(request: Request) -> dict:
     try:
         body = json.loads(b"".join([chunk async for chunk in _capped(request, 1 << 20)]) or b"{}")
@@ -567,7 +580,7 @@ def serve(args) -> int:
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     with tempfile.TemporaryDirectory(prefix="patch-adapter-web-") as workdir:
-        state = WebState(Path(workdir), model=args.model, pipe_factory=load,
+        state = WebState(Path(workdir), model=args.model, pipe_factory=load, adapter=args.adapter,
                          max_upload_bytes=int(args.max_upload_mb * 1e6))
         state.preload()
         app = create_app(state, host=args.host, port=args.port)
@@ -580,6 +593,9 @@ def serve(args) -> int:
                   file=sys.stderr)
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+        except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn once it has shut down
+            pass
         finally:
             state.close()
+        print("stopped; the temporary folder was removed", flush=True)
     return 0
