@@ -211,6 +211,9 @@ def test_host_and_origin_must_be_this_server(client):
     cross = client.post("/api/images", content=b"x", headers={"Origin": "http://attacker.example"})
     assert cross.status_code == 403 and "cross-site" in cross.json()["error"]
     assert client.get("/", headers={"Origin": "null"}).status_code == 403
+    embedded = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+    assert client.get("/api/results", headers=embedded).status_code == 403
+    assert client.get("/", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}).status_code == 200
 
 
 def test_upload_cap_refuses_while_streaming(client, state):

@@ -324,7 +324,8 @@ class LocalOnly:
 
     A web page on another site can make the browser send requests to 127.0.0.1:PORT
     (cross-site) or, by DNS rebinding, to a name that resolves there; both carry a
-    foreign Origin or Host, and get 403.
+    foreign Origin or Host, and get 403. A cross-site GET (an <img> on another site) carries
+    no Origin, but its Sec-Fetch-Site says cross-site: 403 as well, except for a link to the page.
     """
 
     def __init__(self, app, hosts: set[str]):
@@ -342,6 +343,8 @@ class LocalOnly:
                 reason = f"Host {host!r} is not this server; open http://127.0.0.1:{_port_of(self.hosts)}/"
             elif origin is not None and origin.decode("latin-1").lower() not in self.origins:
                 reason = f"cross-site request from Origin {origin.decode('latin-1')!r} refused"
+            elif headers.get(b"sec-fetch-site") == b"cross-site" and headers.get(b"sec-fetch-mode") != b"navigate":
+                reason = "cross-site request refused (a link to the page itself is fine)"  # e.g. <img src> elsewhere
             if reason:
                 if scope["type"] == "http":
                     await JSONResponse({"error": reason}, status_code=403)(scope, receive, send)
