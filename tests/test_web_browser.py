@@ -43,6 +43,10 @@ def require_browser():
         pytest.skip(text)
 
 
+def mask_pixels(path) -> int:
+    return int((np.asarray(Image.open(path).convert("L")) > 127).sum())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,6 +156,25 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         with page.expect_download() as download:
             page.click("#download")
         download.value.save_as(tmp_path / "result.png")
+
+        # compare, side by side, history restores settings, clear/undo, a mask file loads
+        page.hover("#compare")
+        page.mouse.down()
+        page.wait_for_selector("#crop-label:has-text('before at 100%')")
+        page.mouse.up()
+        page.wait_for_selector("#crop-label:has-text('the fill at 100%')")
+        page.click("#view-side")
+        page.wait_for_timeout(200)
+        page.screenshot(path=str(tmp_path / "side.png"))
+        page.fill("#s-steps", "9")
+        page.click("#history li")
+        assert page.input_value("#s-steps") == "3" and page.input_value("#s-prompt") == "a red circle"
+        page.click("#view-edit")
+        page.click("#clear")
+        page.wait_for_function("document.querySelector('#plan-text').dataset.evaluations === '0'")
+        page.set_input_files("#mask-file", str(tmp_path / "mask.png"))
+        page.wait_for_selector(f"#message:has-text('mask loaded: {int(mask_pixels(tmp_path / 'mask.png'))} px')")
+        page.wait_for_function(f"document.querySelector('#plan-text').dataset.evaluations === '{evaluations}'")
 
         # drag and drop, and paste, open pictures too
         for event in ("drop", "paste"):

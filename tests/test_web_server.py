@@ -238,6 +238,18 @@ def test_grid_of_large_pictures_is_exact():
     assert np.array_equal(reduce_to_grid(full, 2), grid)
 
 
+def test_pictures_above_8192_px_get_a_2x2_mask_grid(client, state):
+    image = upload(client, np.zeros((40, 8200, 3), np.uint8))
+    assert (image["cell"], image["mask_width"], image["mask_height"]) == (2, 4100, 20)
+    grid = np.zeros((20, 4100), dtype=bool)
+    grid[3:6, 4090:4100] = True
+    send_mask(client, image, grid)
+    mask = state.images[image["id"]].mask
+    assert mask.shape == (40, 8200) and mask.sum() == grid.sum() * 4 and mask[6:12, 8180:8200].all()
+    bits = client.get(f"/api/images/{image['id']}/mask.bits").content
+    assert np.array_equal(np.unpackbits(np.frombuffer(bits, np.uint8), count=grid.size).reshape(grid.shape), grid)
+
+
 def test_temporary_folder_is_removed_at_exit(pipe, tmp_path):
     state = WebState(tmp_path / "web", pipe=pipe)
     with TestClient(create_app(state, port=PORT), base_url=BASE) as client:
