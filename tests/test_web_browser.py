@@ -176,6 +176,13 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         page.wait_for_selector(f"#message:has-text('mask loaded: {int(mask_pixels(tmp_path / 'mask.png'))} px')")
         page.wait_for_function(f"document.querySelector('#plan-text').dataset.evaluations === '{evaluations}'")
 
+        # a long run, cancelled from the page
+        page.fill("#s-steps", "400")
+        page.click("#run-button")
+        page.wait_for_selector("#status:has-text('running')", timeout=60_000)
+        page.click("#cancel-button")
+        page.wait_for_selector("#status:has-text('cancelled')", timeout=30_000)
+
         # drag and drop, and paste, open pictures too
         for event in ("drop", "paste"):
             width = 64 if event == "drop" else 80

@@ -226,11 +226,10 @@ function strokeTo(x, y) {  // x, y in cells
   const last = S.stroke.last || [x, y];
   const dist = Math.hypot(x - last[0], y - last[1]), steps = Math.max(1, Math.ceil(dist / Math.max(0.5, r / 3)));
   let box = null;
-  for (let i = 1; i <= steps || (i === 1 && dist === 0); i++) {
-    const t = dist === 0 ? 1 : i / steps;
+  for (let i = 1; i <= steps; i++) {  // discs r/3 apart from the last position (one disc when still)
+    const t = i / steps;
     const b = stamp(last[0] + (x - last[0]) * t, last[1] + (y - last[1]) * t, r, value);
     if (b) box = box ? [Math.min(box[0], b[0]), Math.min(box[1], b[1]), Math.max(box[2], b[2]), Math.max(box[3], b[3])] : b;
-    if (dist === 0) break;
   }
   S.stroke.last = [x, y];
   if (box) paintOverlay(box[0], box[1], box[2] - box[0] + 1, box[3] - box[1] + 1);
