@@ -27,6 +27,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu (default: auto)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights precision (default: fp16 on cuda, fp32 elsewhere)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves GPU memory)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another value exposes the app "
                         "to the network, without authentication)")

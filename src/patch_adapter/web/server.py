@@ -572,7 +572,7 @@ def serve(args) -> int:
         device = resolve_device(args.device)
         dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
         pipe = PatchAdapterPipeline.from_pretrained(args.model, adapter=args.adapter, device=str(device),
-                                                    dtype=dtype, config=args.config)
+                                                    dtype=dtype, config=args.config, cpu_offload=args.cpu_offload)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
