@@ -7,14 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("httpx")  # Starlette's TestClient
-from starlette.testclient import TestClient  # noqa: E402
+from conftest import random_image
+from starlette.testclient import TestClient  # needs httpx (the test extra)
 
-from patch_adapter.image_io import read_metadata  # noqa: E402
-from patch_adapter.web.jobs import parse_settings, plan_for  # noqa: E402
-from patch_adapter.web.server import WebState, create_app, expand_grid, reduce_to_grid  # noqa: E402
-
-from conftest import random_image  # noqa: E402
+from patch_adapter.web.jobs import parse_settings, plan_for
+from patch_adapter.web.server import WebState, create_app, expand_grid, reduce_to_grid
 
 PORT = 7861
 BASE = f"http://127.0.0.1:{PORT}"
