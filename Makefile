@@ -4,14 +4,25 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup test test-all bench bench-train train-tiny quality clean
+.PHONY: setup browser test test-all bench bench-train train-tiny quality clean
 
-# .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools
+# .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools,
+# and the browser the web app's test drives
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
+	$(MAKE) --no-print-directory browser
+
+# Debian's chromium for tests/test_web_browser.py (Playwright drives it; its own browser
+# downloads are not used): installed with apt-get when missing and we are root
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: the browser test needs chromium: sudo apt-get install chromium (it fails under CI=true)"; fi
 
 # the suite on the tiny backbone, two processes (about 8 minutes on 2 cores; the direct
 # baseline at 4K takes most of it); tests marked slow are left out, `make test-all` runs them

@@ -25,6 +25,7 @@ from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
 from .planning import METHODS
 from .training.commands import add_data_parser, add_train_parser
+from .web import add_serve_parser
 
 USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
 EIGHT_BIT_SUFFIXES = {".jpg", ".jpeg", ".webp"}
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_data_parser(subparsers)
     add_demo_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

@@ -669,11 +669,15 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
 
     # ------------------------------------------------------------------ progress
 
+    #: The class of every progress bar of a call. A tqdm subclass can watch a run (the web app
+    #: streams stage, patch group and step from it) or stop it by raising from `update`/`__iter__`.
+    progress_bar_class = tqdm
+
     def _progress(self, iterable=None, desc: str = "", total: int | None = None):
         config = dict(getattr(self, "_progress_bar_config", {}))
         config.setdefault("leave", False)
         config.setdefault("desc", desc)
-        return tqdm(iterable, total=total, **config)
+        return self.progress_bar_class(iterable, total=total, **config)
 
 
 def choose_stage2_memory(backbone, plan, device, patch_batch_size=None, max_memory=None,
