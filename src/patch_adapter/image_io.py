@@ -1,10 +1,19 @@
 """Reading and writing the very large images (4K-16K) and masks that patch_adapter inpaints.
 
 Everything here is plain file/array handling: no torch. Pixels travel as numpy arrays,
-``(H, W, 3)`` RGB in ``uint8`` or ``uint16``; 16-bit files stay 16-bit end to end.
+``(H, W, 3)`` RGB in ``uint8`` or ``uint16`` plus an optional alpha plane of the same
+dtype; 16-bit files stay 16-bit end to end.
 
-Pillow reads and writes 8-bit images. Pillow has no 16-bit RGB mode, so 16-bit PNG and
-TIFF files go through OpenCV (``opencv-python-headless``), imported only when needed.
+One decoder of record per format and bit depth, each checked bit for bit in the tests:
+
+* 8 bit (PNG, JPEG, WebP, TIFF): Pillow, which handles every mode and transparency form.
+  The one case Pillow gets wrong (an uncompressed TIFF turned by orientation 5-8) is read
+  with tifffile instead.
+* 16-bit PNG: OpenCV (libpng); a grey tRNS colour, which OpenCV ignores, becomes alpha here.
+* 16-bit TIFF: tifffile (OpenCV garbles planar TIFFs and applies the orientation itself).
+
+EXIF orientation is applied exactly once, here. What cannot be decoded exactly (animated
+or multi-page files, premultiplied alpha, 12- or 32-bit samples) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ __all__ = [
     "from_float",
     "save_image",
     "read_metadata",
+    "loaded_from_pil",
+    "check_output_path",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -90,6 +101,15 @@ class LoadedImage:
     path: str | None
     format: str | None  # Pillow's format name, e.g. "PNG", "JPEG"
     icc_profile: bytes | None
+    exif: bytes | None = None  # EXIF block with the orientation reset: the pixels are upright
+    xmp: bytes | None = None
+
+    @property
+    def channels(self) -> np.ndarray:
+        """(H, W, 3), or (H, W, 4) with alpha last: what is composited into and written back."""
+        if self.alpha is None:
+            return self.pixels
+        return np.concatenate([self.pixels, self.alpha[:, :, None]], axis=2)
 
     @property
     def bit_depth(self) -> int:
@@ -191,10 +211,16 @@ def read_image_size(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
     by 90 degrees are taken into account, so the size matches the loaded pixels.
     """
     name = _require_file(path)
-    with _pillow_pixel_limit(max_pixels), _open_header(name, max_pixels) as im:
-        width, height = im.size
-        if _exif_orientation(im) in (5, 6, 7, 8):
-            width, height = height, width
+    if _is_tiff(name):
+        with _tiff_page(name, max_pixels) as page:
+            width, height = page.imagewidth, page.imagelength
+            orientation = _tiff_orientation(page)
+    else:
+        with _pillow_pixel_limit(max_pixels), _open_header(name, max_pixels) as im:
+            width, height = im.size
+            orientation = _exif_orientation(im)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
     return width, height
 
 
@@ -205,29 +231,91 @@ def load_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> LoadedImag
     """Read a PNG, JPEG, WebP or TIFF as upright RGB (+ alpha), keeping 16 bits where present.
 
     Greyscale, palette, CMYK, LA and RGBA inputs become RGB, with ``alpha`` set where the file
-    has transparency. EXIF orientation is applied, so pixels are the way a viewer shows them.
-    Files over ``max_pixels`` pixels are refused from their header, before decoding.
+    has transparency (an alpha channel or a tRNS colour, at 8 or 16 bit). EXIF orientation is
+    applied, so pixels are the way a viewer shows them. Files over ``max_pixels`` pixels are
+    refused from their header, before decoding; so are files that cannot be decoded exactly.
     """
     name = _require_file(path)
+    try:
+        if _is_tiff(name):
+            loaded = _load_tiff(name, max_pixels)
+            if loaded is not None:
+                return loaded
+        return _load_with_pillow(name, max_pixels)
+    except ImageInputError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageInputError(
+            f"{name} could not be decoded ({exc}); the file may be truncated or corrupt, "
+            "re-export it"
+        ) from None
+
+
+def _load_with_pillow(name: str, max_pixels: int) -> LoadedImage:
+    """PNG, JPEG, WebP, and the TIFF kinds tifffile does not cover (CMYK, YCbCr), at 8 bit."""
     with _pillow_pixel_limit(max_pixels), _open_header(name, max_pixels) as im:
-        try:
-            if _bits_per_sample(im, name) > 8:
-                pixels, alpha = _decode_16bit(im, name)
-            else:
-                pixels, alpha = _decode_8bit(im)
-        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageInputError(
-                f"{name} could not be decoded ({exc}); the file may be truncated or corrupt, "
-                "re-export it"
-            ) from None
-        icc_profile = im.info.get("icc_profile") or None
-        if im.mode == "CMYK":
-            # A CMYK profile describes the ink values, not the RGB pixels we return.
-            icc_profile = None
-        file_format = im.format
+        _refuse_inexact(im, name)
+        if _bits_per_sample(im, name) > 8:
+            pixels, alpha = _decode_16bit_png(im, name)
+        else:
+            pixels, alpha = _decode_8bit(im)
+        icc_profile, exif, xmp = _kept_metadata(im)
+        return LoadedImage(
+            pixels=pixels, alpha=alpha, path=name, format=im.format, icc_profile=icc_profile,
+            exif=exif, xmp=xmp,
+        )
+
+
+def loaded_from_pil(im: Image.Image) -> LoadedImage:
+    """A PIL image as a LoadedImage, by the same rules as a file: upright, 16 bits kept."""
+    upright = ImageOps.exif_transpose(im)  # a copy: the caller's image is left alone
+    pixels, alpha = _pil_to_arrays(upright)
+    icc_profile, exif, xmp = _kept_metadata(upright)
     return LoadedImage(
-        pixels=pixels, alpha=alpha, path=name, format=file_format, icc_profile=icc_profile
+        pixels=pixels, alpha=alpha, path=None, format=im.format, icc_profile=icc_profile,
+        exif=exif, xmp=xmp,
     )
+
+
+def _refuse_inexact(im: Image.Image, path: str) -> None:
+    """Refuse, from the header, files whose pixels could not come back as they are."""
+    frames = getattr(im, "n_frames", 1)
+    if im.format == "PNG" and im.custom_mimetype == "image/apng":
+        raise ImageInputError(
+            f"{path} is an animated PNG: which frame to inpaint is ambiguous (viewers show "
+            "different ones); export the frame you want as a plain PNG"
+        )
+    # MPO (phone-camera JPEG) frames after the first are previews or depth maps by design.
+    if frames > 1 and im.format != "MPO":
+        kind = "pages" if im.format == "TIFF" else "frames"
+        raise ImageInputError(
+            f"{path} has {frames} {kind}; only the first would be inpainted and the rest "
+            f"lost: export the one you want as a single-image {im.format} file"
+        )
+    if im.format == "TIFF" and im.tag_v2.get(338):  # ExtraSamples: tifffile reads those
+        raise ImageInputError(
+            f"{path} combines extra channels with a {im.mode} colour space; save it as RGB(A)"
+        )
+
+
+def _kept_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """ICC profile, EXIF (orientation reset, as the pixels are upright) and XMP to write back."""
+    icc_profile = im.info.get("icc_profile") or None
+    if im.mode == "CMYK":
+        # A CMYK profile describes the ink values, not the RGB pixels we return.
+        icc_profile = None
+    exif = None
+    # A TIFF's EXIF is its own IFD (strip offsets and all): nothing to carry over.
+    if im.info.get("exif") and im.format != "TIFF":
+        tags = Image.Exif()
+        tags.load(im.info["exif"])
+        if _ORIENTATION_TAG in tags:
+            tags[_ORIENTATION_TAG] = 1
+        exif = tags.tobytes()
+    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    return icc_profile, exif, xmp
 
 
 def _bits_per_sample(im: Image.Image, path: str) -> int:
@@ -239,10 +327,10 @@ def _bits_per_sample(im: Image.Image, path: str) -> int:
     if im.format == "TIFF":
         bits = im.tag_v2.get(258, (1,))  # BitsPerSample
         bits = max(bits) if isinstance(bits, tuple) else int(bits)
-        if bits > 16:
+        if bits > 8:
             raise ImageInputError(
-                f"{path} has {bits} bits per channel, which is not supported; "
-                "convert it to an 8- or 16-bit TIFF or PNG"
+                f"{path} is a {bits}-bit {im.mode} TIFF, which cannot be decoded exactly; "
+                "convert it to 16-bit RGB or grey, or to 8 bit"
             )
         return bits
     return 8
@@ -259,10 +347,15 @@ def _pil_to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     """Turn any Pillow mode we accept into (H, W, 3) RGB plus (H, W) alpha or None."""
     if im.mode.startswith("I;16"):
         grey = np.asarray(im).astype(np.uint16)  # I;16B is big-endian: make it native
-        return np.repeat(grey[:, :, None], 3, axis=2), None
+        return np.repeat(grey[:, :, None], 3, axis=2), _trns_alpha(grey, im.info.get("transparency"))
     if im.mode in ("I", "F"):
         raise ImageInputError(
             f"{im.mode!r} (32-bit) images are not supported; convert to 8- or 16-bit first"
+        )
+    if im.mode in ("RGBa", "La"):
+        raise ImageInputError(
+            f"{im.mode!r} images have premultiplied alpha, which cannot be returned unchanged; "
+            "convert them to RGBA or LA first"
         )
     if im.has_transparency_data:
         rgba = np.asarray(im.convert("RGBA"))
@@ -271,8 +364,20 @@ def _pil_to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return np.array(rgb), None  # np.array, not asarray: Pillow's buffer is read-only
 
 
-def _decode_16bit(im: Image.Image, path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode a 16-bit PNG/TIFF with OpenCV, then apply EXIF orientation ourselves."""
+def _trns_alpha(pixels: np.ndarray, colour: Any) -> np.ndarray | None:
+    """A tRNS colour (grey value or RGB triple) as an alpha plane: 0 there, opaque elsewhere."""
+    if colour is None or isinstance(colour, bytes):
+        return None
+    top = np.iinfo(pixels.dtype).max
+    if pixels.ndim == 2:
+        hit = pixels == int(colour)
+    else:
+        hit = np.all(pixels == np.asarray(colour, dtype=pixels.dtype), axis=2)
+    return np.where(hit, 0, top).astype(pixels.dtype)
+
+
+def _decode_16bit_png(im: Image.Image, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode a 16-bit PNG with OpenCV (libpng), then apply EXIF orientation ourselves."""
     cv2 = _import_cv2()
     # imdecode rather than imread: works for any path (non-ASCII names on Windows).
     decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -280,15 +385,146 @@ def _decode_16bit(im: Image.Image, path: str) -> tuple[np.ndarray, np.ndarray | 
         raise OSError("OpenCV could not decode it")
     if decoded.dtype != np.uint16:
         raise ImageInputError(
-            f"{path} decoded as {decoded.dtype}, not 16-bit; convert it to an 8- or 16-bit "
-            "PNG or TIFF"
+            f"{path} decoded as {decoded.dtype}, not 16-bit; convert it to an 8- or 16-bit PNG"
         )
-    pixels, alpha = _split_opencv_channels(decoded, path)
-    # IMREAD_UNCHANGED ignores EXIF orientation, so it is applied here.
-    orientation = _exif_orientation(im)
+    if decoded.ndim == 2:  # OpenCV turns an RGB tRNS colour into alpha, but not a grey one
+        alpha = _trns_alpha(decoded, im.info.get("transparency"))
+        pixels = np.repeat(decoded[:, :, None], 3, axis=2)
+    else:
+        pixels, alpha = _split_opencv_channels(decoded, path)
+    return _oriented(pixels, alpha, _exif_orientation(im))
+
+
+# --------------------------------------------------------------------------- TIFF
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_TIFFFILE_PHOTOMETRIC = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette"}
+
+
+def _is_tiff(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in _TIFF_MAGIC
+
+
+@contextlib.contextmanager
+def _tiff_page(path: str, max_pixels: int) -> Iterator[Any]:
+    """The one page of a TIFF, header checked: size guard, a single page."""
+    import tifffile  # only TIFFs need it
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise ImageInputError(f"{path} is not a TIFF that can be read ({exc}); re-export it") from None
+    with tif:
+        pages = len(tif.pages)
+        if pages > 1:
+            raise ImageInputError(
+                f"{path} has {pages} pages; only the first would be inpainted and the rest "
+                "lost: export the one you want as a single-page TIFF"
+            )
+        page = tif.pages.first
+        check_image_size(page.imagewidth, page.imagelength, max_pixels)
+        yield page
+
+
+def _tiff_orientation(page: Any) -> int:
+    orientation = page.tags.valueof(274, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def _load_tiff(path: str, max_pixels: int) -> LoadedImage | None:
+    """Decode a grey, palette or RGB TIFF (+ alpha) with tifffile; None for the other kinds.
+
+    tifffile reads every layout (chunky or planar, strips or tiles, any predictor) exactly,
+    where OpenCV garbles planar files and Pillow misreads uncompressed files turned by
+    orientation 5-8 and planar grey + alpha. The orientation is applied here, once.
+    """
+    with _tiff_page(path, max_pixels) as page:
+        photometric = int(page.photometric)
+        bits = int(page.bitspersample)
+        if photometric not in _TIFFFILE_PHOTOMETRIC:
+            if bits > 8:
+                raise ImageInputError(
+                    f"{path} is a {bits}-bit {page.photometric.name} TIFF, which cannot be "
+                    "decoded exactly; convert it to 16-bit RGB or grey"
+                )
+            return None  # CMYK, YCbCr (JPEG-in-TIFF) ...: Pillow, like a JPEG of that kind
+        _check_tiff_samples(page, path, photometric)
+        data = page.asarray()
+        colormap = page.colormap if photometric == 3 else None
+        orientation = _tiff_orientation(page)
+        icc_profile = page.tags.valueof(34675) or None
+        xmp = page.tags.valueof(700) or None
+    samples = int(page.samplesperpixel)
+    if samples > 1 and int(page.planarconfig) == 2:  # separate planes: (S, H, W)
+        data = np.moveaxis(data, 0, -1)
+    data = data.reshape(page.imagelength, page.imagewidth, samples)
+    colours, alpha = data[:, :, :1] if photometric != 2 else data[:, :, :3], None
+    if samples > colours.shape[2]:
+        alpha = data[:, :, -1]
+    pixels = _tiff_colours(colours, photometric, bits, colormap)
+    if alpha is not None:
+        alpha = _tiff_colours(alpha[:, :, None], 1, bits, None)[:, :, 0]
+    pixels, alpha = _oriented(pixels, alpha, orientation)
+    return LoadedImage(
+        pixels=pixels, alpha=alpha, path=path, format="TIFF",
+        icc_profile=bytes(icc_profile) if icc_profile else None,
+        xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) else (xmp.encode() if xmp else None),
+    )
+
+
+def _check_tiff_samples(page: Any, path: str, photometric: int) -> None:
+    """Refuse what would not come back unchanged: premultiplied or unnamed extra channels."""
+    extra = tuple(int(e) for e in page.extrasamples)
+    if 1 in extra:
+        raise ImageInputError(
+            f"{path} has premultiplied (associated) alpha, which cannot be returned "
+            "unchanged; save it with unassociated alpha"
+        )
+    colours = 3 if photometric == 2 else 1
+    if int(page.samplesperpixel) - colours != len(extra) or len(extra) > 1 or 0 in extra:
+        raise ImageInputError(
+            f"{path} has {page.samplesperpixel} samples per pixel for {page.photometric.name} "
+            "(extra channels of no declared meaning would be lost); save it as grey, "
+            "grey + alpha, RGB or RGBA"
+        )
+    if int(page.sampleformat) != 1:
+        raise ImageInputError(
+            f"{path} stores signed or floating-point samples ({page.sampleformat.name}); "
+            "convert it to unsigned 8- or 16-bit"
+        )
+    if int(page.bitspersample) not in (1, 2, 4, 8, 16):
+        raise ImageInputError(
+            f"{path} has {page.bitspersample} bits per channel, which cannot be returned "
+            "exactly; convert it to an 8- or 16-bit TIFF or PNG"
+        )
+
+
+def _tiff_colours(data: np.ndarray, photometric: int, bits: int, colormap: Any) -> np.ndarray:
+    """tifffile's samples as (H, W, 3) RGB, the way Pillow expands them at 8 bit."""
+    if photometric == 3:  # palette: 16-bit colormap entries, high byte at <= 8 bit (as Pillow)
+        table = np.asarray(colormap, dtype=np.uint16).T
+        if bits <= 8:
+            table = (table >> 8).astype(np.uint8)
+        return np.ascontiguousarray(table[data[:, :, 0]])
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    if bits < 8:  # 1, 2, 4-bit grey, scaled to 0-255
+        data = (data.astype(np.uint16) * 255 // ((1 << bits) - 1)).astype(np.uint8)
+    if photometric == 0:  # white is zero
+        data = np.iinfo(data.dtype).max - data
+    if data.shape[2] == 1:
+        data = np.repeat(data, 3, axis=2)
+    return np.ascontiguousarray(data)
+
+
+def _oriented(
+    pixels: np.ndarray, alpha: np.ndarray | None, orientation: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixels and alpha turned upright, for decoders that ignore the orientation tag."""
     pixels = _apply_orientation(pixels, orientation)
     if alpha is not None:
-        alpha = _apply_orientation(alpha, orientation)
+        alpha = _apply_orientation(np.ascontiguousarray(alpha), orientation)
     return pixels, alpha
 
 
