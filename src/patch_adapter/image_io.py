@@ -19,6 +19,7 @@ or multi-page files, premultiplied alpha, 12- or 32-bit samples) is refused with
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -79,6 +80,7 @@ _WEBP_MAX_SIDE = 16383  # libwebp's limit: a 16384-pixel side does not fit
 _WEBP_QUALITY = 95
 _METADATA_KEY = "patch_adapter"
 _PARAMETERS_KEY = "parameters"
+_XMP_PNG_KEY = "XML:com.adobe.xmp"
 _ORIENTATION_TAG = ExifTags.Base.Orientation
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IHDR_END = 33  # signature (8) + IHDR chunk: length (4) + type (4) + data (13) + CRC (4)
@@ -613,15 +615,22 @@ def load_mask(
         raise ValueError(f"threshold must be in [0, 1], got {threshold}; 0.5 is the usual value")
     if source is None:
         return _mask_from_alpha(image, threshold)
+    if hasattr(source, "detach") and hasattr(source, "cpu"):  # a torch tensor, without importing torch
+        source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
         mask = _mask_from_array(source, threshold)
     elif isinstance(source, Image.Image):
-        pixels, alpha = _pil_to_arrays(source)
+        pixels, alpha = _pil_to_arrays(ImageOps.exif_transpose(source))
         mask = _mask_from_pixels(pixels, alpha, threshold)
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         image_pixels = image.pixels.shape[0] * image.pixels.shape[1]
         loaded = load_image(source, max_pixels=max(MAX_IMAGE_PIXELS, image_pixels))
         mask = _mask_from_pixels(loaded.pixels, loaded.alpha, threshold)
+    else:
+        raise ImageInputError(
+            f"a mask must be a path, a PIL image, a numpy array or a torch tensor, not "
+            f"{type(source).__name__}; e.g. np.asarray(mask) for a nested list"
+        )
     _check_mask_size(mask, image)
     return mask
 
@@ -645,6 +654,12 @@ def _mask_from_pixels(
     mask = _luminance_at_least(pixels, threshold * max_value)
     if alpha is not None:
         mask &= alpha > 0
+        if not mask.any() and alpha.min() != alpha.max():
+            raise ImageInputError(
+                "the mask has no light pixel, only transparency: masks are read from their "
+                "brightness (white = fill); paint the area white on black, or to use "
+                "transparency as the mask, erase that area in the image itself and give no mask"
+            )
     return mask
 
 
@@ -758,37 +773,124 @@ def save_image(
     protect: Iterable[PathLike] = (),
     overwrite_input: bool = False,
     icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
 ) -> None:
     """Write ``pixels`` ((H, W, 3) RGB or (H, W, 4) RGBA, uint8/uint16) atomically.
 
     The format follows the extension (.png, .jpg/.jpeg, .webp, .tif/.tiff). PNG and TIFF
-    keep 16 bits; JPEG (quality 95, no chroma subsampling) and WebP (quality 95) are 8-bit
-    only, and WebP holds at most 16383 pixels per side. The file is written to a temporary file in the same folder, fsynced and renamed
-    over ``path``, so a crash never leaves a half-written image; the parent folder is created
-    if missing. ``path`` must not be any file in ``protect`` (the inputs) unless
-    ``overwrite_input=True``: a typo must not destroy the original.
+    keep 16 bits and alpha; WebP is written lossless (8 bit, alpha kept, at most 16383
+    pixels per side), so these three give back every pixel exactly. JPEG (quality 95, no
+    chroma subsampling) is 8-bit, lossy and has no alpha. The file is written to a temporary
+    file in the same folder, fsynced and renamed over ``path``, so a crash never leaves a
+    half-written image; the parent folder is created if missing. ``path`` must not be any
+    file in ``protect`` (the inputs) unless ``overwrite_input=True``: a typo must not
+    destroy the original.
 
     ``metadata`` goes into PNG text chunks: ``patch_adapter`` (JSON, read back by
     :func:`read_metadata`) and ``parameters`` (a "key: value, key: value" line for humans),
     for 16-bit PNGs too. Other formats cannot hold it portably, so it is written next to
-    the image as ``<path>.json``. ``icc_profile`` (e.g. ``LoadedImage.icc_profile``) is
-    embedded in PNG, JPEG, WebP and 8-bit TIFF; 16-bit TIFF cannot carry it.
+    the image as ``<path>.json``. ``icc_profile`` and ``xmp`` are embedded in every format;
+    ``exif`` (e.g. ``LoadedImage.exif``, orientation already reset) in PNG, JPEG and WebP.
     """
     target = Path(os.fspath(path))
-    file_format = _format_for(target)
-    _check_pixels_for_save(pixels, file_format, target)
-    if not overwrite_input:
-        _refuse_protected(target, protect)
+    if not isinstance(pixels, np.ndarray) or pixels.dtype not in (np.uint8, np.uint16):
+        dtype = getattr(pixels, "dtype", type(pixels).__name__)
+        raise ImageInputError(
+            f"pixels to save must be a uint8 or uint16 array, got {dtype}; "
+            "convert float pixels with from_float(x, np.uint8)"
+        )
+    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or 0 in pixels.shape:
+        raise ImageInputError(
+            f"pixels to save must have shape (H, W, 3) or (H, W, 4), got {pixels.shape}"
+        )
+    bit_depth = 16 if pixels.dtype == np.uint16 else 8
+    if bit_depth == 16 and target.suffix.lower() in (".jpg", ".jpeg", ".webp"):
+        raise ImageInputError(
+            f"{target.name}: {SUPPORTED_EXTENSIONS[target.suffix.lower()]} cannot store 16-bit "
+            "pixels; use .png or .tif to keep 16 bits (or convert to 8-bit first)"
+        )
+    file_format = check_output_path(
+        target, (pixels.shape[1], pixels.shape[0]), bit_depth, pixels.shape[2] == 4,
+        allow_lossy=True, protect=() if overwrite_input else protect,
+    )
     metadata_json = None if metadata is None else json.dumps(metadata, sort_keys=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    extras = {"icc_profile": icc_profile, "exif": exif, "xmp": xmp}
     with _atomic_write(target) as f:
-        if pixels.dtype == np.uint16:
-            _write_16bit(f, pixels, file_format, metadata, metadata_json, icc_profile)
+        if file_format == "TIFF":
+            _write_tiff(f, pixels, icc_profile, xmp)
+        elif pixels.dtype == np.uint16:
+            _write_16bit_png(f, pixels, metadata, metadata_json, extras)
         else:
-            _write_8bit(f, pixels, file_format, metadata, metadata_json, icc_profile)
+            _write_8bit(f, pixels, file_format, metadata, metadata_json, extras)
     if metadata_json is not None and file_format != "PNG":
         with _atomic_write(_sidecar_path(target)) as f:
             f.write(metadata_json.encode("utf-8"))
+
+
+#: Output formats that cannot give back the input's pixels exactly.
+LOSSY_FORMATS = {"JPEG"}
+
+
+def check_output_path(
+    path: PathLike,
+    size: tuple[int, int],
+    bit_depth: int,
+    has_alpha: bool,
+    allow_lossy: bool = False,
+    protect: Iterable[PathLike] = (),
+) -> str:
+    """Every refusal :func:`save_image` would make, made before any work; returns the format.
+
+    Checks the extension, what the format can hold (16 bits, alpha, its side limit), that
+    the folder can be written, and that ``path`` is none of ``protect`` (the inputs, however
+    they are spelled: links included). ``allow_lossy=False`` also refuses outputs that would
+    change pixels outside the mask: JPEG, and 16-bit pixels into an 8-bit format.
+    """
+    target = Path(os.fspath(path))
+    file_format = _format_for(target)
+    width, height = size
+    lossy_hint = "write .png, .tif or .webp (lossless) instead, or pass --allow-lossy"
+    if has_alpha and file_format == "JPEG":
+        raise ImageInputError(
+            f"{target.name}: JPEG has no alpha channel and the transparency would be lost; "
+            "save as .png, .tif or .webp"
+        )
+    if not allow_lossy and file_format in LOSSY_FORMATS:
+        raise ImageInputError(
+            f"{target.name}: JPEG is lossy and would change the pixels outside the mask; "
+            + lossy_hint
+        )
+    if not allow_lossy and bit_depth == 16 and file_format in ("JPEG", "WEBP"):
+        raise ImageInputError(
+            f"{target.name}: {file_format} holds 8 bits and the 16-bit pixels outside the mask "
+            "would be rounded; write .png or .tif to keep 16 bits, or pass --allow-lossy"
+        )
+    max_side = {"JPEG": _JPEG_MAX_SIDE, "WEBP": _WEBP_MAX_SIDE}.get(file_format)
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageInputError(
+            f"{target.name}: {file_format} cannot store a {width}x{height} image (at most "
+            f"{max_side} pixels per side); use .png or .tif"
+        )
+    _refuse_protected(target, protect)
+    _check_writable(target)
+    return file_format
+
+
+def _check_writable(target: Path) -> None:
+    """The nearest existing folder must accept a new file (the temporary one, then the rename)."""
+    if target.is_dir():
+        raise ImageInputError(f"{target} is a folder; give a file name such as {target / 'out.png'}")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ImageInputError(f"cannot create {target.parent}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ImageInputError(
+            f"cannot write into {folder} (permission denied); choose another output folder"
+        )
 
 
 def _format_for(target: Path) -> str:
@@ -800,37 +902,6 @@ def _format_for(target: Path) -> str:
             + ", ".join(SUPPORTED_EXTENSIONS)
         )
     return file_format
-
-
-def _check_pixels_for_save(pixels: np.ndarray, file_format: str, target: Path) -> None:
-    """Catch every refusal before any file is touched."""
-    if not isinstance(pixels, np.ndarray) or pixels.dtype not in (np.uint8, np.uint16):
-        dtype = getattr(pixels, "dtype", type(pixels).__name__)
-        raise ImageInputError(
-            f"pixels to save must be a uint8 or uint16 array, got {dtype}; "
-            "convert float pixels with from_float(x, np.uint8)"
-        )
-    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or 0 in pixels.shape:
-        raise ImageInputError(
-            f"pixels to save must have shape (H, W, 3) or (H, W, 4), got {pixels.shape}"
-        )
-    if pixels.dtype == np.uint16 and file_format in ("JPEG", "WEBP"):
-        raise ImageInputError(
-            f"{target.name}: {file_format} cannot store 16-bit pixels; "
-            "use .png or .tif to keep 16 bits (or convert to 8-bit first)"
-        )
-    max_side = {"JPEG": _JPEG_MAX_SIDE, "WEBP": _WEBP_MAX_SIDE}.get(file_format)
-    height, width = pixels.shape[:2]
-    if max_side is not None and max(width, height) > max_side:
-        raise ImageInputError(
-            f"{target.name}: {file_format} cannot store a {width}x{height} image (at most "
-            f"{max_side} pixels per side); use .png or .tif"
-        )
-    if pixels.shape[2] == 4 and file_format == "JPEG":
-        raise ImageInputError(
-            f"{target.name}: JPEG has no alpha channel; save as .png, or drop the alpha "
-            "with pixels[..., :3]"
-        )
 
 
 def _refuse_protected(target: Path, protect: Iterable[PathLike]) -> None:
@@ -889,58 +960,71 @@ def _write_8bit(
     file_format: str,
     metadata: dict | None,
     metadata_json: str | None,
-    icc_profile: bytes | None,
+    extras: dict,
 ) -> None:
-    """Pillow handles every 8-bit case, metadata and ICC profile included."""
+    """Pillow writes 8-bit PNG, JPEG and WebP, metadata included."""
     im = Image.fromarray(np.ascontiguousarray(pixels), "RGBA" if pixels.shape[2] == 4 else "RGB")
-    options: dict[str, Any] = {}
-    if icc_profile:
-        options["icc_profile"] = icc_profile
-    if file_format == "PNG" and metadata_json is not None:
+    options: dict[str, Any] = {key: value for key, value in extras.items() if value}
+    if file_format == "PNG":
         from PIL.PngImagePlugin import PngInfo
 
         info = PngInfo()
-        info.add_text(_METADATA_KEY, metadata_json)
-        info.add_text(_PARAMETERS_KEY, _parameters_line(metadata or {}))
+        if metadata_json is not None:
+            info.add_text(_METADATA_KEY, metadata_json)
+            info.add_text(_PARAMETERS_KEY, _parameters_line(metadata or {}))
+        if options.get("xmp"):  # Pillow's PNG writer has no xmp= option
+            info.add_itxt(_XMP_PNG_KEY, options.pop("xmp").decode("utf-8", "replace"))
         options["pnginfo"] = info
     elif file_format == "JPEG":
         # Inpainted seams are fine detail; chroma subsampling would blur their colour.
         options.update(quality=_JPEG_QUALITY, subsampling=0)
     elif file_format == "WEBP":
-        options.update(quality=_WEBP_QUALITY)
-    elif file_format == "TIFF":
-        options.update(compression="tiff_lzw")
+        # Lossless, and exact: colour under transparent pixels is kept, not zeroed.
+        options.update(lossless=True, exact=True, quality=100)
     im.save(f, format=file_format, **options)
 
 
-def _write_16bit(
-    f: IO[bytes],
-    pixels: np.ndarray,
-    file_format: str,
-    metadata: dict | None,
-    metadata_json: str | None,
-    icc_profile: bytes | None,
+def _write_16bit_png(
+    f: IO[bytes], pixels: np.ndarray, metadata: dict | None, metadata_json: str | None, extras: dict
 ) -> None:
-    """OpenCV encodes 16-bit RGB; for PNG we splice our text/ICC chunks in after IHDR."""
+    """OpenCV encodes 16-bit RGB(A) PNG; our text, ICC, EXIF and XMP chunks go after IHDR."""
     cv2 = _import_cv2()
     order = [2, 1, 0, 3] if pixels.shape[2] == 4 else [2, 1, 0]
-    bgr = np.ascontiguousarray(pixels[:, :, order])
-    ok, encoded = cv2.imencode(".png" if file_format == "PNG" else ".tif", bgr)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels[:, :, order]))
     if not ok:
-        raise ImageInputError(f"OpenCV could not encode the pixels as 16-bit {file_format}")
+        raise ImageInputError("OpenCV could not encode the pixels as 16-bit PNG")
     data = memoryview(encoded.reshape(-1))
-    if file_format != "PNG":
-        f.write(data)
-        return
     chunks = b""
-    if icc_profile:
-        chunks += _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc_profile))
+    if extras.get("icc_profile"):
+        chunks += _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(extras["icc_profile"]))
+    if extras.get("exif"):
+        exif = extras["exif"]
+        chunks += _png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    if extras.get("xmp"):
+        chunks += _png_chunk(b"iTXt", _XMP_PNG_KEY.encode() + b"\x00\x00\x00\x00\x00" + extras["xmp"])
     if metadata_json is not None:
         chunks += _png_text_chunk(_METADATA_KEY, metadata_json)
         chunks += _png_text_chunk(_PARAMETERS_KEY, _parameters_line(metadata or {}))
     f.write(data[:_PNG_IHDR_END])
     f.write(chunks)
     f.write(data[_PNG_IHDR_END:])
+
+
+def _write_tiff(f: IO[bytes], pixels: np.ndarray, icc_profile: bytes | None, xmp: bytes | None) -> None:
+    """tifffile writes every TIFF (8 and 16 bit, unassociated alpha), as it reads them."""
+    import tifffile
+
+    tags = []
+    if icc_profile:
+        tags.append((34675, "B", len(icc_profile), icc_profile, True))
+    if xmp:
+        tags.append((700, "B", len(xmp), xmp, True))
+    encoded = io.BytesIO()  # tifffile wants a named file or a buffer, not a descriptor
+    tifffile.imwrite(
+        encoded, np.ascontiguousarray(pixels), photometric="rgb", compression="zlib",
+        extrasamples=[2] if pixels.shape[2] == 4 else None, extratags=tags, metadata=None,
+    )
+    f.write(encoded.getbuffer())
 
 
 def _parameters_line(metadata: dict) -> str:

@@ -38,10 +38,11 @@ from .compositing import (
     resize_mask_any,
     to_unit_float,
 )
-from .image_io import LoadedImage, load_image, load_mask
+from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
 from .planning import METHODS, InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
 from .tiling import TileFusion, bounding_tile, tile_window
+from .validation import check_feather, check_inpaint_numbers, check_prompt
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -54,7 +55,8 @@ SCHEDULERS = {
 
 @dataclass
 class PatchAdapterPipelineOutput(BaseOutput):
-    """`images`: PIL images (8 bit); `arrays`: the same in the input's bit depth."""
+    """`images`: PIL images (8 bit, RGBA when the input has alpha); `arrays`: the same in the
+    input's bit depth, (H, W, 3) or (H, W, 4) with the input's alpha outside the mask."""
 
     images: list
     arrays: list = field(default_factory=list)
@@ -78,19 +80,17 @@ class TextConditioning:
 
 
 def as_loaded_image(image) -> LoadedImage:
-    """A path, PIL image or (H, W, 3|4) uint8/uint16 array as a LoadedImage."""
+    """A path, PIL image or (H, W, 3|4) uint8/uint16 array as a LoadedImage.
+
+    A PIL image follows the rules of a file (EXIF orientation applied, 16-bit grey kept);
+    an array is taken as it is, its 4th channel as alpha.
+    """
     if isinstance(image, LoadedImage):
         return image
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         return load_image(image)
     if isinstance(image, PIL.Image.Image):
-        alpha = None
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            alpha = np.asarray(rgba)[..., 3].copy()
-            image = rgba
-        pixels = np.asarray(image.convert("RGB")).copy()
-        return LoadedImage(pixels=pixels, alpha=alpha, path=None, format=None, icc_profile=None)
+        return loaded_from_pil(image)
     if isinstance(image, np.ndarray):
         if image.dtype not in (np.uint8, np.uint16) or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(
@@ -100,6 +100,18 @@ def as_loaded_image(image) -> LoadedImage:
         return LoadedImage(pixels=np.ascontiguousarray(image[..., :3]), alpha=alpha, path=None, format=None,
                            icc_profile=None)
     raise TypeError(f"image must be a path, a PIL image or a numpy array, not {type(image).__name__}")
+
+
+def opaque_fill(fill: np.ndarray, channels: int) -> np.ndarray:
+    """The fill with an opaque alpha channel when the image has one.
+
+    The alpha rule: outside the mask alpha is the input's, bit for bit; inside it the fill is
+    opaque (blended like the colour where feathered). Keeping a transparent alpha there would
+    hide the fill, and when the mask *is* the alpha (transparent = fill) nothing would show.
+    """
+    if channels == fill.shape[2]:
+        return fill
+    return np.concatenate([fill, np.ones_like(fill[..., :1])], axis=2)
 
 
 def to_model_range(pixels: np.ndarray) -> torch.Tensor:
@@ -312,15 +324,26 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         rounding).
         """
         # 1. Check inputs
+        prompt = check_prompt(prompt)
+        negative_prompt = check_prompt(negative_prompt, "negative_prompt") if negative_prompt is not None else None
+        check_inpaint_numbers(
+            num_inference_steps=num_inference_steps, refine_steps=refine_steps, guidance_scale=guidance_scale,
+            strength=strength, refine_strength=refine_strength, dca_scale=dca_scale, rpa_scale=rpa_scale,
+            mask_threshold=mask_threshold, mask_dilation=mask_dilation, mask_feather=mask_feather,
+            num_images_per_prompt=num_images_per_prompt, patch_batch_size=patch_batch_size,
+            tile_size=tile_size, tile_overlap=tile_overlap, crop_margin=crop_margin,
+        )
         loaded = as_loaded_image(image)
         mask = load_mask(mask_image, loaded, threshold=mask_threshold)
         self.check_call_inputs(method, num_inference_steps, refine_steps, strength, refine_strength,
                                tile_size, tile_overlap, mask_dilation, mask_feather, num_images_per_prompt,
                                patch_batch_size)
+        check_feather(mask, mask_feather)
         plan = self._plan(loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
                           guidance_scale, rpa_scale, tile_size, tile_overlap, mask_dilation, crop_margin)
+        original = loaded.channels  # colour, and alpha last when the image has it
         if plan.empty_mask:
-            arrays = [loaded.pixels.copy() for _ in range(num_images_per_prompt)]
+            arrays = [original.copy() for _ in range(num_images_per_prompt)]
             return self._output(arrays, plan, return_dict)
 
         # 2. Encode the prompt once for every stage
@@ -335,10 +358,11 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
                                      refine_steps or num_inference_steps, refine_strength, dca_scale,
                                      rpa_scale, mask_dilation, reference_timestep, patch_batch_size)
             # 4. Composite inside the mask only
-            result = loaded.pixels.copy()
+            result = original.copy()
             for fill, (top, left, bottom, right) in fills:
                 alpha = feather_alpha_at(mask, (top, left, bottom, right), mask_feather)
-                composite_into(result, fill, mask[top:bottom, left:right], alpha, offset=(top, left))
+                composite_into(result, opaque_fill(fill, result.shape[2]), mask[top:bottom, left:right], alpha,
+                               offset=(top, left))
             arrays.append(result)
 
         self.maybe_free_model_hooks()
@@ -346,13 +370,9 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
 
     def check_call_inputs(self, method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
                           mask_dilation, mask_feather, num_images, patch_batch_size=1):
+        """Checks that need the model (its native size); the numbers are checked in validation."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        if steps < 1 or (refine_steps is not None and refine_steps < 1):
-            raise ValueError("num_inference_steps and refine_steps must be at least 1")
-        for name, value in (("strength", strength), ("refine_strength", refine_strength)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
         if min(int(steps * strength), steps) < 1:
             raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
         factor = self.vae_scale_factor
@@ -362,12 +382,6 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             raise ValueError(f"tile_size ({tile}) and tile_overlap ({overlap}) must be positive multiples of {factor} px")
         if not 0 <= overlap < tile:
             raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
-        if mask_dilation < 0 or mask_feather < 0:
-            raise ValueError("mask_dilation and mask_feather are pixel counts and cannot be negative")
-        if num_images < 1:
-            raise ValueError("num_images_per_prompt must be at least 1")
-        if patch_batch_size < 1:
-            raise ValueError("patch_batch_size must be at least 1")
 
     def _output(self, arrays, plan, return_dict):
         images = [PIL.Image.fromarray(a if a.dtype == np.uint8 else from_unit_float(to_unit_float(a), np.uint8))
