@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import struct
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
@@ -852,15 +853,15 @@ def check_output_path(
     file_format = _format_for(target)
     width, height = size
     lossy_hint = "write .png, .tif or .webp (lossless) instead, or pass --allow-lossy"
-    if has_alpha and file_format == "JPEG":
-        raise ImageInputError(
-            f"{target.name}: JPEG has no alpha channel and the transparency would be lost; "
-            "save as .png, .tif or .webp"
-        )
     if not allow_lossy and file_format in LOSSY_FORMATS:
         raise ImageInputError(
             f"{target.name}: JPEG is lossy and would change the pixels outside the mask; "
             + lossy_hint
+        )
+    if has_alpha and file_format == "JPEG":
+        raise ImageInputError(
+            f"{target.name}: JPEG has no alpha channel and the transparency would be lost; "
+            "save as .png, .tif or .webp"
         )
     if not allow_lossy and bit_depth == 16 and file_format in ("JPEG", "WEBP"):
         raise ImageInputError(
@@ -887,10 +888,14 @@ def _check_writable(target: Path) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ImageInputError(f"cannot create {target.parent}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    try:  # a real probe: permissions, read-only mounts and full quotas all show here
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".patch_adapter_probe_"):
+            pass
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror or exc
         raise ImageInputError(
-            f"cannot write into {folder} (permission denied); choose another output folder"
-        )
+            f"cannot write into {folder} ({reason}); choose another output folder"
+        ) from None
 
 
 def _format_for(target: Path) -> str:
