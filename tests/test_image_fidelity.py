@@ -264,6 +264,22 @@ def test_refused_files_name_the_problem(tmp_path):
             load_image(tmp_path / name)
 
 
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_cmyk_tiff_matches_pillow_or_is_refused(tmp_path, compression, orientation):
+    """CMYK goes through Pillow, whose uncompressed TIFF reader scrambles orientations 5-8."""
+    cmyk = values(np.uint8, HEIGHT, WIDTH, 4)
+    path = tmp_path / "cmyk.tif"
+    tifffile.imwrite(path, cmyk, photometric="separated", compression=compression,
+                     extratags=[(0x0112, "H", 1, orientation, True)])
+    rgb = np.asarray(Image.fromarray(cmyk, "CMYK").convert("RGB"))
+    if compression is None and orientation >= 5:
+        with pytest.raises(ImageInputError, match="scrambled"):
+            load_image(path)
+    else:
+        assert_loads_as(path, rgb, None, orientation)
+
+
 def test_mpo_first_frame_is_the_picture(tmp_path):
     rgb = values(np.uint8, 32, 48, 3)
     path = tmp_path / "camera.mpo"

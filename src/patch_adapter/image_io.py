@@ -451,6 +451,12 @@ def _load_tiff(path: str, max_pixels: int) -> LoadedImage | None:
                     f"{path} is a {bits}-bit {page.photometric.name} TIFF, which cannot be "
                     "decoded exactly; convert it to 16-bit RGB or grey"
                 )
+            if int(page.compression) == 1 and _tiff_orientation(page) in (5, 6, 7, 8):
+                raise ImageInputError(
+                    f"{path} is an uncompressed {page.photometric.name} TIFF turned by "
+                    f"orientation {_tiff_orientation(page)}, which Pillow decodes scrambled; "
+                    "save it upright, or LZW/Deflate-compressed"
+                )
             return None  # CMYK, YCbCr (JPEG-in-TIFF) ...: Pillow, like a JPEG of that kind
         _check_tiff_samples(page, path, photometric)
         data = page.asarray()
