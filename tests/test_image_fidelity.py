@@ -249,6 +249,9 @@ def test_refused_files_name_the_problem(tmp_path):
     for name, options in {"anim.png": {}, "anim.webp": {"lossless": True}, "pages.tif": {}}.items():
         frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], **options)
         cases[name] = "frames|animated|pages"
+    deep = [Image.fromarray(np.full((8, 8), v, np.uint16)) for v in (1000, 60000)]
+    deep[0].save(tmp_path / "anim16.png", save_all=True, append_images=deep[1:])
+    cases["anim16.png"] = "animated PNG"
     tifffile.imwrite(tmp_path / "premultiplied.tif", values(np.uint8, 8, 8, 4), photometric="rgb",
                      extrasamples=[1])
     cases["premultiplied.tif"] = "premultiplied"
