@@ -6,11 +6,12 @@ dtype; 16-bit files stay 16-bit end to end.
 
 One decoder of record per format and bit depth, each checked bit for bit in the tests:
 
-* 8 bit (PNG, JPEG, WebP, TIFF): Pillow, which handles every mode and transparency form.
-  The one case Pillow gets wrong (an uncompressed TIFF turned by orientation 5-8) is read
-  with tifffile instead.
+* PNG, JPEG, WebP at 8 bit: Pillow, which handles every mode and transparency form.
 * 16-bit PNG: OpenCV (libpng); a grey tRNS colour, which OpenCV ignores, becomes alpha here.
-* 16-bit TIFF: tifffile (OpenCV garbles planar TIFFs and applies the orientation itself).
+* TIFF (grey, palette, RGB, + alpha; 1-16 bit): tifffile, for every layout. OpenCV garbles
+  planar 16-bit TIFFs and turns oriented ones itself; Pillow cannot open 16-bit grey + alpha
+  and scrambles uncompressed files turned by orientation 5-8.
+* TIFF in other colour spaces (CMYK, YCbCr), 8 bit only: Pillow, as for a JPEG of that kind.
 
 EXIF orientation is applied exactly once, here. What cannot be decoded exactly (animated
 or multi-page files, premultiplied alpha, 12- or 32-bit samples) is refused with the reason.
@@ -78,7 +79,6 @@ _READABLE_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "TIFF"}
 _JPEG_QUALITY = 95
 _JPEG_MAX_SIDE = 65535  # the JPEG header stores each side in 16 bits
 _WEBP_MAX_SIDE = 16383  # libwebp's limit: a 16384-pixel side does not fit
-_WEBP_QUALITY = 95
 _METADATA_KEY = "patch_adapter"
 _PARAMETERS_KEY = "parameters"
 _XMP_PNG_KEY = "XML:com.adobe.xmp"
@@ -311,10 +311,11 @@ def _kept_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes |
     # A TIFF's EXIF is its own IFD (strip offsets and all): nothing to carry over.
     if im.info.get("exif") and im.format != "TIFF":
         tags = Image.Exif()
-        tags.load(im.info["exif"])
-        if _ORIENTATION_TAG in tags:
-            tags[_ORIENTATION_TAG] = 1
-        exif = tags.tobytes()
+        with contextlib.suppress(Exception):  # unreadable EXIF: not worth refusing the picture
+            tags.load(im.info["exif"])
+            if _ORIENTATION_TAG in tags:
+                tags[_ORIENTATION_TAG] = 1
+            exif = tags.tobytes()
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
@@ -468,12 +469,11 @@ def _load_tiff(path: str, max_pixels: int) -> LoadedImage | None:
     if samples > 1 and int(page.planarconfig) == 2:  # separate planes: (S, H, W)
         data = np.moveaxis(data, 0, -1)
     data = data.reshape(page.imagelength, page.imagewidth, samples)
-    colours, alpha = data[:, :, :1] if photometric != 2 else data[:, :, :3], None
-    if samples > colours.shape[2]:
-        alpha = data[:, :, -1]
-    pixels = _tiff_colours(colours, photometric, bits, colormap)
-    if alpha is not None:
-        alpha = _tiff_colours(alpha[:, :, None], 1, bits, None)[:, :, 0]
+    colours = 3 if photometric == 2 else 1
+    pixels = _tiff_colours(data[:, :, :colours], photometric, bits, colormap)
+    alpha = None
+    if samples > colours:  # unassociated alpha, checked above
+        alpha = _tiff_colours(data[:, :, colours:], 1, bits, None)[:, :, 0]
     pixels, alpha = _oriented(pixels, alpha, orientation)
     return LoadedImage(
         pixels=pixels, alpha=alpha, path=path, format="TIFF",
