@@ -108,6 +108,15 @@ def test_png_8bit_trns_colour_becomes_alpha(tmp_path, mode):
     assert_loads_as(path, rgb, np.where(hit, 0, 255).astype(np.uint8))
 
 
+def test_png_palette_with_an_alpha_per_entry(tmp_path):
+    im, rgb, _ = pillow_source("P")
+    levels = bytes(range(0, 256, 17))  # 16 entries, 16 alpha levels
+    path = tmp_path / "p.png"
+    im.save(path, transparency=levels)
+    alpha = np.frombuffer(levels, np.uint8)[np.asarray(im)]
+    assert_loads_as(path, rgb, alpha)
+
+
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_webp_lossless(tmp_path, mode, orientation):

@@ -128,8 +128,10 @@ def test_mask_from_alpha_and_dilation_keep_outside_pixels(pipe):
     alpha = np.full((200, 300), 255, dtype=np.uint8)
     alpha[50:120, 80:200] = 0  # transparent = fill
     rgba = np.dstack([rgb, alpha])
-    out = pipe(prompt="x", image=rgba, mask_image=None, mask_dilation=24, mask_feather=6,
-               generator=seeded(0), **FAST).arrays[0]
+    result = pipe(prompt="x", image=rgba, mask_image=None, mask_dilation=24, mask_feather=6,
+                  generator=seeded(0), **FAST)
+    out = result.arrays[0]
+    assert result.images[0].mode == "RGBA" and np.array_equal(np.asarray(result.images[0]), out)
     mask = alpha == 0
     assert out.shape == (200, 300, 4)
     assert np.array_equal(out[~mask], rgba[~mask])  # alpha included
