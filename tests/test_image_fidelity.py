@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from patch_adapter.image_io import ImageInputError, load_image, load_mask
+from patch_adapter.image_io import ImageInputError, load_image, load_mask, read_image_size
 
 RNG = np.random.default_rng(7)
 HEIGHT, WIDTH = 20, 36  # not square, so a missing or doubled 90-degree turn shows
@@ -150,20 +150,24 @@ def test_jpeg_matches_pillows_decode(tmp_path, mode, orientation):
 # --------------------------------------------------------------------------- 16-bit PNG
 
 
-def png_file(path, data: np.ndarray, colour_type: int, chunks: bytes = b"") -> None:
-    """A 16-bit PNG written by hand (filter 0 rows): an encoder independent of libpng."""
+def png_file(path, data: np.ndarray, colour_type: int, chunks: bytes = b"", late: bytes = b"") -> None:
+    """A PNG written by hand (filter 0 rows): an encoder independent of libpng and Pillow.
+
+    `chunks` go before the image data, `late` after it (where eXIf may legally be).
+    """
     height, width = data.shape[:2]
-    rows = data.astype(">u2").reshape(height, -1).tobytes()
+    depth = 16 if data.dtype == np.uint16 else 8
+    rows = data.astype(">u2" if depth == 16 else "u1").reshape(height, -1).tobytes()
     stride = len(rows) // height
     raw = b"".join(b"\x00" + rows[i * stride : (i + 1) * stride] for i in range(height))
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunks + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
+        + late + chunk(b"IEND", b"")
     )
 
 
@@ -191,6 +195,15 @@ def test_png_16bit(tmp_path, colour_type, orientation):
     colours = channels - 1 if has_alpha else channels
     rgb = np.repeat(data[:, :, :1], 3, axis=2) if colours == 1 else data[:, :, :3]
     assert_loads_as(path, rgb, data[:, :, -1] if has_alpha else None, orientation)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_exif_after_the_image_data_is_applied_once(tmp_path, dtype):
+    data = values(dtype, HEIGHT, WIDTH, 3)
+    path = tmp_path / "late.png"
+    png_file(path, data, 2, late=exif_chunk(6))
+    assert_loads_as(path, data, None, 6)
+    assert read_image_size(path) == (HEIGHT, WIDTH)  # turned, from the header alone
 
 
 @pytest.mark.parametrize("colour_type", [0, 2])

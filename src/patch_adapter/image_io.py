@@ -399,6 +399,20 @@ def _decode_16bit_png(im: Image.Image, path: str) -> tuple[np.ndarray, np.ndarra
     return _oriented(pixels, alpha, _exif_orientation(im))
 
 
+def _png_chunk_data(path: str, kind: bytes) -> bytes | None:
+    """The first ``kind`` chunk's data, found by hopping from chunk header to chunk header."""
+    with open(path, "rb") as f:
+        f.seek(len(_PNG_SIGNATURE))
+        while len(head := f.read(8)) == 8:
+            length, name = struct.unpack(">I4s", head)
+            if name == kind:
+                return f.read(length)
+            if name == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    return None
+
+
 # --------------------------------------------------------------------------- TIFF
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
@@ -558,8 +572,12 @@ def _split_opencv_channels(
 def _exif_orientation(im: Image.Image) -> int:
     """EXIF orientation (1-8) from the header; 1 when absent or invalid."""
     if im.format == "PNG" and "exif" not in im.info:
-        # Pillow's PNG getexif() decodes the whole image to look for a late eXIf chunk.
-        return 1
+        # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the
+        # image data; hop to it instead, and keep it where Pillow's load() would put it.
+        late_exif = _png_chunk_data(im.filename, b"eXIf") if im.filename else None
+        if not late_exif:
+            return 1
+        im.info["exif"] = b"Exif\x00\x00" + late_exif
     try:
         orientation = int(im.getexif().get(_ORIENTATION_TAG, 1))
     except (TypeError, ValueError):
