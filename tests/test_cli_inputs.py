@@ -3,6 +3,7 @@ outputs refused before the model loads, signals that leave no temporary file."""
 
 import os
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -170,3 +171,15 @@ def test_pil_inputs_follow_the_rules_of_files(pipe, tmp_path):
 def test_a_list_mask_is_refused_with_what_to_pass(pipe):
     with pytest.raises(ValueError, match="a mask must be a path, a PIL image, a numpy array"):
         pipe(prompt="x", image=random_image(64, 64), mask_image=[[0, 1], [1, 0]])
+
+
+def test_a_feather_that_erases_part_of_the_mask_warns():
+    from patch_adapter.validation import check_feather
+
+    mask = box_mask(H, W, 10, 10, 60, 60)
+    mask[70:73, 10:120] = True  # a 3-px strip: a 4-px feather leaves it unfilled
+    with pytest.warns(UserWarning, match=r"leaves 330 of 2,830 masked pixels unchanged"):
+        check_feather(mask, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_feather(box_mask(H, W, 10, 10, 60, 60), 4)  # a plain box: no warning

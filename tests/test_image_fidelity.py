@@ -56,6 +56,7 @@ def values(dtype, *shape):
 
 def assert_loads_as(path, rgb, alpha, orientation=1):
     image = load_image(path)
+    assert read_image_size(path) == image.size  # planning from the header agrees
     want_rgb, want_alpha = expected(rgb, alpha, orientation)
     assert image.pixels.dtype == rgb.dtype
     np.testing.assert_array_equal(image.pixels, want_rgb)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -111,13 +112,22 @@ def check_feather(mask: np.ndarray, feather: int) -> None:
     box = mask_bbox(mask)
     if feather <= 0 or box is None:
         return
-    if float(feather_alpha_at(mask, box, feather).max()) > 0.0:
-        return
     top, left, bottom, right = box
-    raise SettingsError(
-        f"mask_feather {feather} px erases the whole fill: the mask ({right - left}x"
-        f"{bottom - top} px at its widest) is nowhere wider than 2 x {feather} px; use a "
-        "feather smaller than half the mask's narrowest width"
+    inside = mask[top:bottom, left:right]
+    erased = int(np.count_nonzero(inside & (feather_alpha_at(mask, box, feather) <= 0)))
+    if erased == 0:
+        return
+    masked = int(np.count_nonzero(inside))
+    if erased == masked:
+        raise SettingsError(
+            f"mask_feather {feather} px erases the whole fill: the mask ({right - left}x"
+            f"{bottom - top} px at its widest) is nowhere wider than 2 x {feather} px; use a "
+            "feather smaller than half the mask's narrowest width"
+        )
+    warnings.warn(
+        f"mask_feather {feather} px leaves {erased:,} of {masked:,} masked pixels unchanged "
+        f"(the parts of the mask narrower than 2 x {feather} px); lower it to fill them",
+        stacklevel=2,
     )
 
 
