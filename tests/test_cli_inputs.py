@@ -129,21 +129,24 @@ def test_jpeg_with_allow_lossy_is_written(files):
     assert load_image(out).size == (W, H)
 
 
-def test_sigterm_while_writing_leaves_no_temporary_file(files, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_writing_leaves_no_temporary_file(files, monkeypatch, capsys, name):
     folder, *_ = files
+    signum = getattr(signal, name)
     from patch_adapter import image_io
 
     def killed_mid_write(f, *args, **kwargs):
         f.write(b"half a picture")
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise AssertionError("SIGTERM did not stop the write")
+        os.kill(os.getpid(), signum)
+        raise AssertionError(f"{name} did not stop the write")
 
+    before = signal.getsignal(signum)
     monkeypatch.setattr(image_io, "_write_8bit", killed_mid_write)
     code = inpaint(folder, "-o", str(folder / "out" / "result.png"), "--method", "resize")
-    assert code == 128 + signal.SIGTERM
-    assert "SIGTERM" in capsys.readouterr().err
+    assert code == 128 + signum
+    assert name in capsys.readouterr().err
     assert list((folder / "out").iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
+    assert signal.getsignal(signum) == before  # restored after the command
 
 
 # --------------------------------------------------------------------------- Python API
