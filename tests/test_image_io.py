@@ -587,3 +587,14 @@ def test_read_metadata_without_metadata_is_empty(tmp_path):
     path = tmp_path / "plain.png"
     save_image(path, blocky_rgb())
     assert read_metadata(path) == {}
+
+
+def test_a_grey_or_cmyk_profile_is_not_carried_onto_rgb_pixels(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    grey_profile = srgb[:16] + b"GRAY" + srgb[20:]  # the header's colour-space field
+    Image.fromarray(random_rgb(4, 4)[:, :, 0]).save(tmp_path / "grey.png", icc_profile=grey_profile)
+    Image.fromarray(random_rgb(4, 4)).save(tmp_path / "rgb.png", icc_profile=srgb)
+    assert load_image(tmp_path / "grey.png").icc_profile is None
+    assert load_image(tmp_path / "rgb.png").icc_profile == srgb

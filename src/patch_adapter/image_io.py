@@ -303,10 +303,7 @@ def _refuse_inexact(im: Image.Image, path: str) -> None:
 
 def _kept_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes | None]:
     """ICC profile, EXIF (orientation reset, as the pixels are upright) and XMP to write back."""
-    icc_profile = im.info.get("icc_profile") or None
-    if im.mode == "CMYK":
-        # A CMYK profile describes the ink values, not the RGB pixels we return.
-        icc_profile = None
+    icc_profile = _rgb_profile(im.info.get("icc_profile"))
     exif = None
     # A TIFF's EXIF is its own IFD (strip offsets and all): nothing to carry over.
     if im.info.get("exif") and im.format != "TIFF":
@@ -320,6 +317,14 @@ def _kept_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes |
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
     return icc_profile, exif, xmp
+
+
+def _rgb_profile(icc_profile: Any) -> bytes | None:
+    """The ICC profile if it describes RGB: a grey or CMYK one does not fit the RGB we return."""
+    if not icc_profile:
+        return None
+    icc_profile = bytes(icc_profile)
+    return icc_profile if icc_profile[16:20] == b"RGB " else None  # header: colour space
 
 
 def _bits_per_sample(im: Image.Image, path: str) -> int:
@@ -491,7 +496,7 @@ def _load_tiff(path: str, max_pixels: int) -> LoadedImage | None:
     pixels, alpha = _oriented(pixels, alpha, orientation)
     return LoadedImage(
         pixels=pixels, alpha=alpha, path=path, format="TIFF",
-        icc_profile=bytes(icc_profile) if icc_profile else None,
+        icc_profile=_rgb_profile(icc_profile),
         xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) else (xmp.encode() if xmp else None),
     )
 
