@@ -314,3 +314,29 @@ def test_mpo_first_frame_is_the_picture(tmp_path):
         assert ref.format == "MPO" and ref.n_frames == 2
         first = np.asarray(ref.convert("RGB"))
     np.testing.assert_array_equal(load_image(path).pixels, first)
+
+
+@pytest.mark.parametrize("name", ["x.tif", "x.png", "x16.png"])
+def test_damaged_files_are_refused_never_crash(tmp_path, name):
+    """Flipped bytes anywhere: a decoded picture or an ImageInputError, never another exception."""
+    source = tmp_path / name
+    if name == "x.tif":
+        tifffile.imwrite(source, values(np.uint16, HEIGHT, WIDTH, 3), photometric="rgb",
+                         planarconfig="separate", compression="zlib")
+    elif name == "x.png":
+        Image.fromarray(values(np.uint8, HEIGHT, WIDTH, 4)).save(source)
+    else:
+        png_file(source, values(np.uint16, HEIGHT, WIDTH, 3), 2)
+    good = source.read_bytes()
+    rng = np.random.default_rng(11)
+    for trial in range(25):
+        data = bytearray(good)
+        for at in rng.integers(0, len(data), size=3):
+            data[at] = int(rng.integers(0, 256))
+        damaged = tmp_path / f"damaged{trial}{source.suffix}"
+        damaged.write_bytes(bytes(data))
+        for read in (load_image, read_image_size):
+            try:
+                read(damaged)
+            except ImageInputError:
+                pass

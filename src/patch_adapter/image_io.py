@@ -214,14 +214,21 @@ def read_image_size(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
     by 90 degrees are taken into account, so the size matches the loaded pixels.
     """
     name = _require_file(path)
-    if _is_tiff(name):
-        with _tiff_page(name, max_pixels) as page:
-            width, height = page.imagewidth, page.imagelength
-            orientation = _tiff_orientation(page)
-    else:
-        with _pillow_pixel_limit(max_pixels), _open_header(name, max_pixels) as im:
-            width, height = im.size
-            orientation = _exif_orientation(im)
+    try:
+        if _is_tiff(name):
+            with _tiff_page(name, max_pixels) as page:
+                width, height = page.imagewidth, page.imagelength
+                orientation = _tiff_orientation(page)
+        else:
+            with _pillow_pixel_limit(max_pixels), _open_header(name, max_pixels) as im:
+                width, height = im.size
+                orientation = _exif_orientation(im)
+    except ImageInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in load_image
+        raise ImageInputError(
+            f"the header of {name} cannot be read ({type(exc).__name__}: {exc}); re-export it"
+        ) from None
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     return width, height
@@ -247,10 +254,10 @@ def load_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> LoadedImag
         return _load_with_pillow(name, max_pixels)
     except ImageInputError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make any decoder fail any way
         raise ImageInputError(
-            f"{name} could not be decoded ({exc}); the file may be truncated or corrupt, "
-            "re-export it"
+            f"{name} could not be decoded ({type(exc).__name__}: {exc}); the file may be "
+            "truncated or corrupt, re-export it"
         ) from None
 
 
@@ -445,6 +452,8 @@ def _tiff_page(path: str, max_pixels: int) -> Iterator[Any]:
                 f"{path} has {pages} pages; only the first would be inpainted and the rest "
                 "lost: export the one you want as a single-page TIFF"
             )
+        if pages == 0:
+            raise ImageInputError(f"{path} holds no image (no TIFF page); re-export it")
         page = tif.pages.first
         check_image_size(page.imagewidth, page.imagelength, max_pixels)
         yield page
@@ -534,7 +543,7 @@ def _tiff_colours(data: np.ndarray, photometric: int, bits: int, colormap: Any) 
         table = np.asarray(colormap, dtype=np.uint16).T
         if bits <= 8:
             table = (table >> 8).astype(np.uint8)
-        return np.ascontiguousarray(table[data[:, :, 0]])
+        return np.ascontiguousarray(table[data[:, :, 0].astype(np.intp)])  # 1-bit comes as bool
     if data.dtype == np.bool_:
         data = data.astype(np.uint8)
     if bits < 8:  # 1, 2, 4-bit grey, scaled to 0-255
