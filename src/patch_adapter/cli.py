@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -287,7 +288,8 @@ def stop_cleanly_on_signals():
         raise Stopped(signum)
 
     previous = {}
-    for name in CLEAN_EXIT_SIGNALS:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # else signal() raises
+    for name in CLEAN_EXIT_SIGNALS if in_main_thread else ():
         if hasattr(signal, name):  # no SIGHUP on Windows
             signum = getattr(signal, name)
             previous[signum] = signal.signal(signum, raise_stopped)
