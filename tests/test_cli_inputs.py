@@ -85,6 +85,7 @@ def no_model(monkeypatch):
     (["--strength", "1.5"], "strength must be in (0.0, 1.0]"),
     (["--mask-feather", "20"], "erases the whole fill"),
     (["--steps", "0"], "num_inference_steps must be at least 1"),
+    (["--tile-size", "100"], "--tile-size 100 must be a multiple of 8"),
     (["--seed", str(2**64)], "seed must be at most"),
     (["--seed", "-1"], "seed must be at least 0"),
     (["--device", "cuda:7"], "device 'cuda:7'"),

@@ -17,6 +17,7 @@ import numpy as np
 
 from .image_io import LoadedImage, check_output_path
 
+LATENT_FACTOR = 8  # pixels per latent in every SDXL-family VAE
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts as an unsigned seed
 
 
@@ -175,6 +176,9 @@ def validate_inpaint_args(args, loaded: LoadedImage, mask: np.ndarray, outputs: 
         patch_batch_size=args.patch_batch_size, tile_size=args.tile_size,
         tile_overlap=args.tile_overlap, crop_margin=args.crop_margin,
     )
+    for name, value in (("--tile-size", args.tile_size), ("--tile-overlap", args.tile_overlap)):
+        if value is not None and value % LATENT_FACTOR:
+            raise SettingsError(f"{name} {value} must be a multiple of {LATENT_FACTOR} px (one latent)")
     check_feather(mask, args.mask_feather)
     check_device(args.device)
     inputs = [args.image] + ([args.mask] if args.mask else [])
