@@ -150,6 +150,9 @@ def run_inpaint(args) -> int:
         raise ValueError("give an output file with -o OUT (or use --plan to only print the plan)")
     paths = output_paths(args.output, args.image, args.num_images)
     validate_inpaint_args(args, loaded, mask, paths)
+    if not mask.any():
+        print("note: the mask marks no pixel to fill (white = fill); the output will equal the input",
+              file=sys.stderr)
     protect = [] if args.overwrite_input else [args.image] + ([args.mask] if args.mask else [])
 
     # 2. Model
