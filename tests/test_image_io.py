@@ -598,3 +598,16 @@ def test_a_grey_or_cmyk_profile_is_not_carried_onto_rgb_pixels(tmp_path):
     Image.fromarray(random_rgb(4, 4)).save(tmp_path / "rgb.png", icc_profile=srgb)
     assert load_image(tmp_path / "grey.png").icc_profile is None
     assert load_image(tmp_path / "rgb.png").icc_profile == srgb
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_xmp_orientation_is_reset_with_the_pixels_upright(tmp_path, dtype):
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6" '
+           b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/"/></x:xmpmeta>')
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = random_rgb(4, 6, dtype)
+    save_image(tmp_path / "x.png", pixels, exif=exif.tobytes(), xmp=xmp)
+    image = load_image(tmp_path / "x.png")
+    np.testing.assert_array_equal(image.pixels, np.rot90(pixels, -1))
+    assert b'tiff:Orientation="6"' not in image.xmp  # reset (16 bit) or removed (Pillow, 8 bit)

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import struct
 import tempfile
@@ -320,10 +321,17 @@ def _kept_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes |
             if _ORIENTATION_TAG in tags:
                 tags[_ORIENTATION_TAG] = 1
             exif = tags.tobytes()
-    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
+    return icc_profile, exif, _upright_xmp(im.info.get("xmp") or im.info.get(_XMP_PNG_KEY))
+
+
+def _upright_xmp(xmp: Any) -> bytes | None:
+    """XMP as bytes with its tiff:Orientation set to 1, like the EXIF: the pixels are upright."""
+    if not xmp:
+        return None
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
-    return icc_profile, exif, xmp
+    xmp = re.sub(rb'(tiff:Orientation=["\'])\d(["\'])', rb"\g<1>1\g<2>", bytes(xmp))
+    return re.sub(rb"(<tiff:Orientation>)\d(</tiff:Orientation>)", rb"\g<1>1\g<2>", xmp)
 
 
 def _rgb_profile(icc_profile: Any) -> bytes | None:
@@ -506,7 +514,7 @@ def _load_tiff(path: str, max_pixels: int) -> LoadedImage | None:
     return LoadedImage(
         pixels=pixels, alpha=alpha, path=path, format="TIFF",
         icc_profile=_rgb_profile(icc_profile),
-        xmp=bytes(xmp) if isinstance(xmp, (bytes, bytearray)) else (xmp.encode() if xmp else None),
+        xmp=_upright_xmp(xmp),
     )
 
 
