@@ -2,8 +2,8 @@
 
 A setting that is not finite, out of range, or that defeats itself (a feather that erases
 the whole fill) would otherwise run for minutes and return a wrong picture with success.
-The pipeline's ``__call__`` and every command (``inpaint``, ``batch``, ``serve``) use these;
-:func:`validate_inpaint_args` is the one entry point for an argparse namespace.
+The pipeline's ``__call__`` and the ``inpaint`` command use these; :func:`validate_inpaint_args`
+is the one entry point for an argparse namespace, for every command that inpaints.
 """
 
 from __future__ import annotations
@@ -162,9 +162,11 @@ def check_device(device) -> None:
 def validate_inpaint_args(args, loaded: LoadedImage, mask: np.ndarray, outputs: Iterable) -> None:
     """Every check of an inpaint command line, before the model loads (exit code 2 on failure).
 
-    ``args`` is the ``inpaint`` namespace (or one with the same names), ``outputs`` the
-    files that will be written; the inputs are protected unless ``--overwrite-input``.
+    ``args`` is the ``inpaint`` namespace (or one with the same names; ``mask``,
+    ``allow_lossy`` and ``overwrite_input`` may be absent), ``outputs`` the files that will
+    be written; the inputs are protected unless ``--overwrite-input``.
     """
+    mask_path = getattr(args, "mask", None)
     check_prompt(args.prompt, "--prompt")
     check_seed(args.seed)
     check_inpaint_numbers(
@@ -181,8 +183,8 @@ def validate_inpaint_args(args, loaded: LoadedImage, mask: np.ndarray, outputs: 
             raise SettingsError(f"{name} {value} must be a multiple of {LATENT_FACTOR} px (one latent)")
     check_feather(mask, args.mask_feather)
     check_device(args.device)
-    inputs = [args.image] + ([args.mask] if args.mask else [])
-    protect = [] if args.overwrite_input else inputs
+    inputs = [args.image] + ([mask_path] if mask_path else [])
+    protect = [] if getattr(args, "overwrite_input", False) else inputs
     for path in outputs:
         check_output_path(path, loaded.size, loaded.bit_depth, loaded.alpha is not None,
-                          allow_lossy=args.allow_lossy, protect=protect)
+                          allow_lossy=getattr(args, "allow_lossy", False), protect=protect)
