@@ -37,6 +37,7 @@ from .compositing import (
     mask_bbox,
     resize_mask_any,
     to_unit_float,
+    with_opaque_alpha,
 )
 from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
 from .planning import METHODS, InpaintPlan, generation_mask, make_plan, padded_dims
@@ -100,18 +101,6 @@ def as_loaded_image(image) -> LoadedImage:
         return LoadedImage(pixels=np.ascontiguousarray(image[..., :3]), alpha=alpha, path=None, format=None,
                            icc_profile=None)
     raise TypeError(f"image must be a path, a PIL image or a numpy array, not {type(image).__name__}")
-
-
-def opaque_fill(fill: np.ndarray, channels: int) -> np.ndarray:
-    """The fill with an opaque alpha channel when the image has one.
-
-    The alpha rule: outside the mask alpha is the input's, bit for bit; inside it the fill is
-    opaque (blended like the colour where feathered). Keeping a transparent alpha there would
-    hide the fill, and when the mask *is* the alpha (transparent = fill) nothing would show.
-    """
-    if channels == fill.shape[2]:
-        return fill
-    return np.concatenate([fill, np.ones_like(fill[..., :1])], axis=2)
 
 
 def to_model_range(pixels: np.ndarray) -> torch.Tensor:
@@ -361,7 +350,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             result = original.copy()
             for fill, (top, left, bottom, right) in fills:
                 alpha = feather_alpha_at(mask, (top, left, bottom, right), mask_feather)
-                composite_into(result, opaque_fill(fill, result.shape[2]), mask[top:bottom, left:right], alpha,
+                composite_into(result, with_opaque_alpha(fill, result.shape[2]), mask[top:bottom, left:right], alpha,
                                offset=(top, left))
             arrays.append(result)
 
