@@ -53,6 +53,7 @@ __all__ = [
     "read_metadata",
     "loaded_from_pil",
     "check_output_path",
+    "LOSSY_FORMATS",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
