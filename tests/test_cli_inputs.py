@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from conftest import box_mask, random_image, seeded
-from patch_adapter import cli
 from patch_adapter.cli import main
 from patch_adapter.image_io import load_image
 
