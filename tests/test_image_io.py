@@ -420,9 +420,9 @@ def test_save_then_load_8bit(tmp_path, suffix):
     image = load_image(path)
 
     assert image.pixels.shape == pixels.shape
-    if suffix.lower() in (".png", ".tif", ".tiff"):
+    if suffix.lower() in (".png", ".tif", ".tiff", ".webp"):  # WebP is written lossless
         np.testing.assert_array_equal(image.pixels, pixels)
-    else:  # lossy; WebP always subsamples chroma, hence the looser bound
+    else:  # JPEG is lossy
         assert np.abs(image.pixels.astype(int) - pixels).mean() < 6
 
 
@@ -433,6 +433,52 @@ def test_save_embeds_icc_profile(tmp_path):
     for name, pixels in [("8.png", blocky_rgb()), ("16.png", random_rgb(4, 4, np.uint16))]:
         save_image(tmp_path / name, pixels, icc_profile=profile)
         assert load_image(tmp_path / name).icc_profile == profile
+
+
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+
+
+@pytest.mark.parametrize("name, dtype, alpha", [
+    ("8.png", np.uint8, True), ("16.png", np.uint16, True), ("8.webp", np.uint8, True),
+    ("8.jpg", np.uint8, False), ("8.tif", np.uint8, True), ("16.tif", np.uint16, True),
+])
+def test_icc_exif_xmp_and_alpha_survive_a_round_trip(tmp_path, name, dtype, alpha):
+    """The source's metadata goes back out, its orientation reset (the pixels are upright)."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "PatchCam"
+    exif[0x0112] = 6
+    pixels = random_rgb(6, 10, dtype)
+    source = tmp_path / "source.png"
+    png_exif = exif.tobytes()
+    save_image(source, pixels, icc_profile=profile, exif=png_exif, xmp=XMP)
+    loaded_source = load_image(source)  # turned upright by orientation 6
+    assert loaded_source.size == (6, 10)
+    channels = loaded_source.channels
+    if alpha:
+        channels = np.dstack([loaded_source.pixels, random_rgb(10, 6, dtype)[:, :, 0]])
+    save_image(tmp_path / name, channels, icc_profile=loaded_source.icc_profile,
+               exif=loaded_source.exif, xmp=loaded_source.xmp)
+    with Image.open(tmp_path / name) as written:  # Pillow's reading, not ours
+        written_exif = written.getexif()
+    result = load_image(tmp_path / name)
+    assert result.icc_profile == profile
+    assert XMP in (result.xmp or b"")
+    if not name.endswith(".tif"):  # TIFF keeps ICC and XMP; its EXIF is its own IFD
+        assert written_exif.get(0x010F) == "PatchCam" and written_exif.get(0x0112, 1) == 1
+    if name.endswith(".jpg"):
+        return
+    np.testing.assert_array_equal(result.channels, channels)
+
+
+def test_a_mask_drawn_only_in_transparency_is_refused(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:5, 2:5, 3] = 255  # black but opaque: the user meant "this area"
+    Image.fromarray(rgba).save(tmp_path / "mask.png")
+    with pytest.raises(ImageInputError, match="only transparency"):
+        load_mask(tmp_path / "mask.png", loaded(random_rgb(8, 8)))
 
 
 def test_unknown_extension_lists_supported(tmp_path):
@@ -541,3 +587,27 @@ def test_read_metadata_without_metadata_is_empty(tmp_path):
     path = tmp_path / "plain.png"
     save_image(path, blocky_rgb())
     assert read_metadata(path) == {}
+
+
+def test_a_grey_or_cmyk_profile_is_not_carried_onto_rgb_pixels(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    grey_profile = srgb[:16] + b"GRAY" + srgb[20:]  # the header's colour-space field
+    Image.fromarray(random_rgb(4, 4)[:, :, 0]).save(tmp_path / "grey.png", icc_profile=grey_profile)
+    Image.fromarray(random_rgb(4, 4)).save(tmp_path / "rgb.png", icc_profile=srgb)
+    assert load_image(tmp_path / "grey.png").icc_profile is None
+    assert load_image(tmp_path / "rgb.png").icc_profile == srgb
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_xmp_orientation_is_reset_with_the_pixels_upright(tmp_path, dtype):
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6" '
+           b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/"/></x:xmpmeta>')
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = random_rgb(4, 6, dtype)
+    save_image(tmp_path / "x.png", pixels, exif=exif.tobytes(), xmp=xmp)
+    image = load_image(tmp_path / "x.png")
+    np.testing.assert_array_equal(image.pixels, np.rot90(pixels, -1))
+    assert b'tiff:Orientation="6"' not in image.xmp  # reset (16 bit) or removed (Pillow, 8 bit)

@@ -128,11 +128,15 @@ def test_mask_from_alpha_and_dilation_keep_outside_pixels(pipe):
     alpha = np.full((200, 300), 255, dtype=np.uint8)
     alpha[50:120, 80:200] = 0  # transparent = fill
     rgba = np.dstack([rgb, alpha])
-    out = pipe(prompt="x", image=rgba, mask_image=None, mask_dilation=24, mask_feather=6,
-               generator=seeded(0), **FAST).arrays[0]
+    result = pipe(prompt="x", image=rgba, mask_image=None, mask_dilation=24, mask_feather=6,
+                  generator=seeded(0), **FAST)
+    out = result.arrays[0]
+    assert result.images[0].mode == "RGBA" and np.array_equal(np.asarray(result.images[0]), out)
     mask = alpha == 0
-    assert np.array_equal(out[~mask], rgb[~mask])
-    assert np.abs(out[mask].astype(int) - rgb[mask].astype(int)).mean() > 10
+    assert out.shape == (200, 300, 4)
+    assert np.array_equal(out[~mask], rgba[~mask])  # alpha included
+    assert np.abs(out[mask][:, :3].astype(int) - rgb[mask].astype(int)).mean() > 10
+    assert (out[mask][:, 3] > 0).all()  # the fill shows: opaque, blended where feathered
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -142,13 +146,20 @@ def test_mask_from_alpha_and_dilation_keep_outside_pixels(pipe):
     (dict(num_inference_steps=1, strength=0.5), "leaves no denoising step"),
     (dict(tile_size=100), "multiples of 8"),
     (dict(tile_size=64, tile_overlap=64), "must be smaller than tile_size"),
-    (dict(mask_feather=-1), "cannot be negative"),
+    (dict(mask_feather=-1), "mask_feather must be at least 0"),
+    (dict(mask_feather=20), "erases the whole fill"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(dca_scale=float("nan")), "dca_scale must be a finite number"),
+    (dict(rpa_scale=float("nan")), "rpa_scale must be a finite number"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a whole number"),
+    (dict(prompt=3), "prompt must be a string"),
     (dict(num_images_per_prompt=0), "at least 1"),
 ])
 def test_bad_arguments_are_refused_with_the_reason(pipe, kwargs, message):
     image, mask = random_image(200, 200), box_mask(200, 200, 10, 10, 50, 50)
     with pytest.raises(ValueError, match=message):
-        pipe(prompt="x", image=image, mask_image=mask, **kwargs)
+        pipe(**{"prompt": "x", "image": image, "mask_image": mask, **kwargs})
 
 
 def test_mask_of_another_size_names_both_sizes(pipe):

@@ -137,7 +137,8 @@ def item_settings(args, values: dict, parser: RowParser, native: int) -> argpars
     s = parser.parse_args(argv, namespace=argparse.Namespace(**vars(args)))  # sets only what argv names
     check_call_settings(s.method, s.steps, s.refine_steps, s.strength, s.refine_strength, s.tile_size,
                         s.tile_overlap, s.mask_dilation, s.mask_feather, s.num_images, s.patch_batch_size,
-                        native=native, mask_threshold=s.mask_threshold)
+                        native=native, mask_threshold=s.mask_threshold, guidance_scale=s.guidance_scale,
+                        dca_scale=s.dca_scale, rpa_scale=s.rpa_scale, crop_margin=s.crop_margin)
     return s
 
 

@@ -4,15 +4,18 @@
     patch-adapter inpaint IMAGE --mask MASK --plan          (print the tile plan, run nothing)
 
 Exit codes: 0 done, 2 bad input (arguments, image, mask, model or adapter file),
-1 anything unexpected.
+1 anything unexpected, 128 + N when stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -23,12 +26,14 @@ from . import __version__
 from .backbone import BackboneLoadError
 from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
+from .validation import check_device, validate_inpaint_args
 from .planning import METHODS
 from .training.commands import add_data_parser, add_train_parser
 from .web import add_serve_parser
 
 USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
 EIGHT_BIT_SUFFIXES = {".jpg", ".jpeg", ".webp"}
+CLEAN_EXIT_SIGNALS = ("SIGTERM", "SIGHUP")  # handled like Ctrl-C: temporary files removed
 
 ADAPTER_HELP = ("Patch-Adapter weights (.safetensors); default: those the model folder ships (the tiny backbone "
                 "does); none: no trained adapters")
@@ -51,6 +56,9 @@ def add_inpaint_parser(subparsers) -> None:
                                   "(transparent = fill)")
     p.add_argument("-o", "--output", help="output file (.png/.tif keep 16 bits) or folder; required unless --plan")
     p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file itself")
+    p.add_argument("--allow-lossy", action="store_true",
+                   help="allow outputs that change pixels outside the mask: JPEG, or a 16-bit input written "
+                        "as 8-bit .webp/.jpg (without it they are refused; .png, .tif and .webp are lossless)")
     add_settings_options(p)
     add_model_options(p)
     p.add_argument("--plan", action="store_true",
@@ -170,7 +178,7 @@ def plan_only(args, loaded, mask) -> int:
 
 
 def run_inpaint(args) -> int:
-    # 1. Inputs first: a wrong mask fails before minutes of model loading
+    # 1. Inputs and settings first: a wrong mask or setting fails before minutes of model loading
     loaded = load_image(args.image)
     mask = load_mask(args.mask, loaded, threshold=args.mask_threshold)
     if args.plan:
@@ -178,11 +186,11 @@ def run_inpaint(args) -> int:
     if not args.output:
         raise ValueError("give an output file with -o OUT (or use --plan to only print the plan)")
     paths = output_paths(args.output, args.image, args.num_images)
+    validate_inpaint_args(args, loaded, mask, paths)
+    if not mask.any():
+        print("note: the mask marks no pixel to fill (white = fill); the output will equal the input",
+              file=sys.stderr)
     protect = [] if args.overwrite_input else [args.image] + ([args.mask] if args.mask else [])
-    for path in paths:  # refuse before running, not after
-        for item in protect:
-            if path.exists() and path.resolve() == Path(item).resolve():
-                raise ValueError(f"refusing to overwrite the input {item}; choose another -o or pass --overwrite-input")
 
     # 2. Model
     started = time.perf_counter()
@@ -256,12 +264,13 @@ def output_metadata(args, pipe, result) -> dict:
 def save_results(paths, result, metadata, loaded, protect, overwrite_input) -> None:
     """Write each result atomically, in the input's bit depth where the format holds it, never over an input."""
     for index, (path, pixels) in enumerate(zip(paths, result.arrays)):
-        if pixels.dtype == np.uint16 and path.suffix.lower() in EIGHT_BIT_SUFFIXES:
+        if pixels.dtype == np.uint16 and path.suffix.lower() in EIGHT_BIT_SUFFIXES:  # --allow-lossy
             print(f"note: {path.suffix} holds 8 bits; the 16-bit result is written as 8-bit "
                   f"(use .png or .tif to keep 16 bits)", file=sys.stderr)
             pixels = from_float(to_float(pixels), np.uint8)
         save_image(path, pixels, metadata={**metadata, "index": index}, protect=protect,
-                   overwrite_input=overwrite_input, icc_profile=loaded.icc_profile)
+                   overwrite_input=overwrite_input, icc_profile=loaded.icc_profile,
+                   exif=loaded.exif, xmp=loaded.xmp)
 
 
 def add_demo_parser(subparsers) -> None:
@@ -287,6 +296,7 @@ def run_demo_command(args) -> int:
 
     if args.size < 16:
         raise ValueError(f"--size {args.size} is too small; use at least 16 px (the default is 512)")
+    check_device(args.device)
     pipe = PatchAdapterPipeline.from_pretrained(args.model, adapter=args.adapter, device=args.device)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     started = time.perf_counter()
@@ -324,13 +334,43 @@ def main(argv=None) -> int:
     diffusers_logging.set_verbosity_error()  # library chatter would bury our own messages
     transformers_logging.set_verbosity_error()
     try:
-        return args.func(args)
+        with stop_cleanly_on_signals():
+            return args.func(args)
     except USER_ERRORS as err:
         print(f"patch-adapter: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("patch-adapter: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"patch-adapter: stopped by {signal.Signals(signum).name}; no partial file was left",
+              file=sys.stderr)
+        return 128 + signum
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM/SIGHUP as an exception, so atomic writes remove their temporary file."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_cleanly_on_signals():
+    """The default SIGTERM/SIGHUP action kills the process before `finally` blocks run."""
+    def raise_stopped(signum, frame):
+        raise Stopped(signum)
+
+    previous = {}
+    in_main_thread = threading.current_thread() is threading.main_thread()  # else signal() raises
+    for name in CLEAN_EXIT_SIGNALS if in_main_thread else ():
+        if hasattr(signal, name):  # no SIGHUP on Windows
+            signum = getattr(signal, name)
+            previous[signum] = signal.signal(signum, raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

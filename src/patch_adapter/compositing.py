@@ -113,6 +113,18 @@ def from_unit_float(x: np.ndarray, dtype) -> np.ndarray:
     return np.clip(np.rint(np.asarray(x, dtype=np.float32) * top), 0, top).astype(dtype)
 
 
+def with_opaque_alpha(fill: np.ndarray, channels: int) -> np.ndarray:
+    """`fill` (h, w, 3) with an opaque alpha channel appended when the image has one (channels 4).
+
+    The alpha rule: outside the mask alpha is the input's, bit for bit; inside it the fill is
+    opaque (blended like the colour where feathered). Keeping a transparent alpha there would
+    hide the fill, and when the mask *is* the alpha (transparent = fill) nothing would show.
+    """
+    if channels == fill.shape[2]:
+        return fill
+    return np.concatenate([fill, np.ones_like(fill[..., :1])], axis=2)
+
+
 def composite(original: np.ndarray, fill: np.ndarray, mask: np.ndarray, alpha: np.ndarray | None = None,
               offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Write `fill` into a copy of `original` inside `mask`; everything else is untouched.

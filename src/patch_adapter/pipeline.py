@@ -39,12 +39,14 @@ from .compositing import (
     mask_bbox,
     resize_mask_any,
     to_unit_float,
+    with_opaque_alpha,
 )
-from .image_io import LoadedImage, load_image, load_mask
+from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
 from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
 from .planning import METHODS, InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
 from .tiling import TileFusion, bounding_tile, tile_window
+from .validation import check_feather, check_inpaint_numbers, check_prompt
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -57,7 +59,8 @@ SCHEDULERS = {
 
 @dataclass
 class PatchAdapterPipelineOutput(BaseOutput):
-    """`images`: PIL images (8 bit); `arrays`: the same in the input's bit depth."""
+    """`images`: PIL images (8 bit, RGBA when the input has alpha); `arrays`: the same in the
+    input's bit depth, (H, W, 3) or (H, W, 4) with the input's alpha outside the mask."""
 
     images: list
     arrays: list = field(default_factory=list)
@@ -81,19 +84,17 @@ class TextConditioning:
 
 
 def as_loaded_image(image) -> LoadedImage:
-    """A path, PIL image or (H, W, 3|4) uint8/uint16 array as a LoadedImage."""
+    """A path, PIL image or (H, W, 3|4) uint8/uint16 array as a LoadedImage.
+
+    A PIL image follows the rules of a file (EXIF orientation applied, 16-bit grey kept);
+    an array is taken as it is, its 4th channel as alpha.
+    """
     if isinstance(image, LoadedImage):
         return image
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         return load_image(image)
     if isinstance(image, PIL.Image.Image):
-        alpha = None
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            alpha = np.asarray(rgba)[..., 3].copy()
-            image = rgba
-        pixels = np.asarray(image.convert("RGB")).copy()
-        return LoadedImage(pixels=pixels, alpha=alpha, path=None, format=None, icc_profile=None)
+        return loaded_from_pil(image)
     if isinstance(image, np.ndarray):
         if image.dtype not in (np.uint8, np.uint16) or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(
@@ -326,16 +327,27 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
         An out-of-memory error in stage 2 halves the patch batch and retries.
         """
         # 1. Check inputs
+        prompt = check_prompt(prompt)
+        negative_prompt = check_prompt(negative_prompt, "negative_prompt") if negative_prompt is not None else None
+        check_inpaint_numbers(
+            num_inference_steps=num_inference_steps, refine_steps=refine_steps, guidance_scale=guidance_scale,
+            strength=strength, refine_strength=refine_strength, dca_scale=dca_scale, rpa_scale=rpa_scale,
+            mask_threshold=mask_threshold, mask_dilation=mask_dilation, mask_feather=mask_feather,
+            num_images_per_prompt=num_images_per_prompt, patch_batch_size=patch_batch_size,
+            tile_size=tile_size, tile_overlap=tile_overlap, crop_margin=crop_margin,
+        )
         loaded = as_loaded_image(image)
         mask = load_mask(mask_image, loaded, threshold=mask_threshold)
         self.check_call_inputs(method, num_inference_steps, refine_steps, strength, refine_strength,
                                tile_size, tile_overlap, mask_dilation, mask_feather, num_images_per_prompt,
                                patch_batch_size, reference_banks)
+        check_feather(mask, mask_feather)
         plan = self._plan(loaded, mask, method, num_inference_steps, strength, refine_steps, refine_strength,
                           guidance_scale, rpa_scale, tile_size, tile_overlap, mask_dilation, crop_margin)
         stage2 = self.stage2_memory(plan, patch_batch_size, max_memory, reference_banks)
+        original = loaded.channels  # colour, and alpha last when the image has it
         if plan.empty_mask:
-            arrays = [loaded.pixels.copy() for _ in range(num_images_per_prompt)]
+            arrays = [original.copy() for _ in range(num_images_per_prompt)]
             return self._output(arrays, plan, return_dict)
 
         # 2. Encode the prompt once for every stage
@@ -350,10 +362,11 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
                                      refine_steps or num_inference_steps, refine_strength, dca_scale,
                                      rpa_scale, mask_dilation, reference_timestep, stage2)
             # 4. Composite inside the mask only
-            result = loaded.pixels.copy()
+            result = original.copy()
             for fill, (top, left, bottom, right) in fills:
                 alpha = feather_alpha_at(mask, (top, left, bottom, right), mask_feather)
-                composite_into(result, fill, mask[top:bottom, left:right], alpha, offset=(top, left))
+                composite_into(result, with_opaque_alpha(fill, result.shape[2]), mask[top:bottom, left:right], alpha,
+                               offset=(top, left))
             arrays.append(result)
 
         self.maybe_free_model_hooks()
@@ -791,17 +804,22 @@ def retry_out_of_memory(refine, stage2: Stage2Memory, generator, device):
                 generator.set_state(state)
             else:
                 torch.random.set_rng_state(state)
+
+
 def check_call_settings(method, steps, refine_steps, strength, refine_strength, tile_size, tile_overlap,
                         mask_dilation, mask_feather, num_images, patch_batch_size=None, *, native: int, factor: int = 8,
-                        mask_threshold: float = 0.5):
-    """Refuse settings the pipeline cannot run, before any work (batch checks a manifest's rows with it)."""
+                        mask_threshold: float = 0.5, **numbers):
+    """Refuse settings the pipeline cannot run, before any work (batch checks a manifest's rows with it).
+
+    The numbers' types and ranges are `validation.check_inpaint_numbers`'s (`numbers`: its
+    other keywords, such as guidance_scale); what depends on the backbone is checked here.
+    """
+    check_inpaint_numbers(num_inference_steps=steps, refine_steps=refine_steps, strength=strength,
+                          refine_strength=refine_strength, tile_size=tile_size, tile_overlap=tile_overlap,
+                          mask_dilation=mask_dilation, mask_feather=mask_feather, num_images_per_prompt=num_images,
+                          patch_batch_size=patch_batch_size, mask_threshold=mask_threshold, **numbers)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if steps < 1 or (refine_steps is not None and refine_steps < 1):
-        raise ValueError("num_inference_steps and refine_steps must be at least 1")
-    for name, value in (("strength", strength), ("refine_strength", refine_strength)):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
     if min(int(steps * strength), steps) < 1:
         raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
     tile = tile_size or native
@@ -810,14 +828,6 @@ def check_call_settings(method, steps, refine_steps, strength, refine_strength, 
         raise ValueError(f"tile_size ({tile}) and tile_overlap ({overlap}) must be positive multiples of {factor} px")
     if not 0 <= overlap < tile:
         raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
-    if mask_dilation < 0 or mask_feather < 0:
-        raise ValueError("mask_dilation and mask_feather are pixel counts and cannot be negative")
-    if num_images < 1:
-        raise ValueError("num_images_per_prompt must be at least 1")
-    if patch_batch_size is not None and patch_batch_size < 1:
-        raise ValueError("patch_batch_size must be at least 1 (or None: the most that fit in memory)")
-    if not 0.0 <= mask_threshold <= 1.0:
-        raise ValueError(f"mask_threshold must be in [0, 1], got {mask_threshold}; 0.5 is the usual value")
 
 
 def randn_like_region(latents: torch.Tensor, generator) -> torch.Tensor:
