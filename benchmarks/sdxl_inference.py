@@ -15,7 +15,9 @@ on the meta device and the achieved TFLOP/s against the device's dense peak.
     python benchmarks/sdxl_inference.py --dtypes bf16 --cases 4k --methods patch-adapter
     python benchmarks/sdxl_inference.py --channels-last --compile   # the speed options
 
-Without CUDA it exits with status 2 and says so.
+Without CUDA it exits with status 2 and says so; `--estimate-only` needs no GPU: it
+prints the memory estimate of each case (patch batch and bank placement chosen for
+`--budget-gib`), traced on the meta device.
 """
 
 from __future__ import annotations
@@ -126,11 +128,8 @@ def run_case(pipe, side: int, area: float, method: str, steps: int, dtype_name: 
     import numpy as np
     import torch
 
-    mask_side = int(round(side * area ** 0.5))
     image = np.random.default_rng(0).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-    mask = np.zeros((side, side), dtype=bool)
-    start = (side - mask_side) // 2
-    mask[start:start + mask_side, start:start + mask_side] = True
+    mask = square_case(side, area)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     timer = StageTimer(pipe)
@@ -158,6 +157,42 @@ def run_case(pipe, side: int, area: float, method: str, steps: int, dtype_name: 
     return row
 
 
+def square_case(side: int, area: float):
+    import numpy as np
+
+    mask_side = int(round(side * area ** 0.5))
+    mask = np.zeros((side, side), dtype=bool)
+    start = (side - mask_side) // 2
+    mask[start:start + mask_side, start:start + mask_side] = True
+    return mask
+
+
+def print_estimates(cases, methods, budget_gib: float, steps: int) -> None:
+    """The plan's memory estimate per case on a CUDA device of `budget_gib`, without one."""
+    import types
+
+    import torch
+
+    from patch_adapter.backbone import build_sdxl_components
+    from patch_adapter.pipeline import choose_stage2_memory
+    from patch_adapter.planning import make_plan
+
+    backbone = types.SimpleNamespace(**build_sdxl_components(torch.float16), vae_scale_factor=8)
+    from patch_adapter.adapters import install_adapters
+
+    install_adapters(backbone.unet)
+    print(f"memory estimates, SDXL-inpainting fp16 on a CUDA device with {budget_gib:g} GiB (traced on meta):")
+    for case in cases:
+        side, area, case_methods = CASES[case]
+        for method in methods or case_methods:
+            mask = square_case(side, area)
+            plan = make_plan((side, side), mask, method, 1024, num_inference_steps=steps, strength=0.9999,
+                             refine_steps=steps, refine_strength=0.6, tile_size=128, tile_overlap=32,
+                             mask_dilation=0, crop_margin=128, guidance=True, rpa_scale=1.0)
+            choose_stage2_memory(backbone, plan, "cuda", max_memory=int(budget_gib * 2**30))
+            print(f"{side}x{side}, {area:.0%} mask, {method}, {len(plan.tiles)} patches: {plan.memory.describe()}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="fp16,bf16")
@@ -167,10 +202,16 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="the UNet in channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (a warm-up run compiles)")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--estimate-only", action="store_true", help="print memory estimates; no GPU needed")
+    parser.add_argument("--budget-gib", type=float, default=80.0, help="device memory for --estimate-only")
     args = parser.parse_args(argv)
 
     import torch
 
+    if args.estimate_only:
+        print_estimates(args.cases.split(","), args.methods.split(",") if args.methods else None, args.budget_gib,
+                        args.steps)
+        return 0
     if not torch.cuda.is_available():
         print("sdxl_inference.py needs a CUDA GPU: none is visible to torch here (torch.cuda.is_available() is "
               "False). Run it on a machine with one; `make bench` measures the CPU.", file=sys.stderr)

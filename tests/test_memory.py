@@ -8,7 +8,7 @@ import torch
 from conftest import box_mask, random_image, seeded
 from torch.profiler import ProfilerActivity, profile
 
-from patch_adapter.memory import estimate_memory, module_bytes
+from patch_adapter.memory import module_bytes
 
 
 def measured_peak(fn) -> int:
@@ -105,20 +105,6 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(pipe, name):
     assert abs((estimate.peak - weights) - working) <= 0.25 * working, (estimate.describe(), working)
 
 
-def test_peak_follows_the_patch_batch_not_the_number_of_patches(pipe):
-    """With banks recorded per call, 64 patches need no more than 4 beyond one batch's banks."""
-    peaks, banks = {}, {}
-    for count, side in ((4, 224), (64, 872)):
-        image = random_image(side, side)
-        mask = box_mask(side, side, 8, 8, side - 8, side - 8)
-        kwargs = dict(patch_batch_size=2, reference_banks="recompute", tile_overlap=32)
-        plan = pipe.plan(image, mask, num_inference_steps=4, refine_steps=2, **kwargs)
-        assert len(plan.tiles) == count
-        banks[count] = 2 * plan.memory.bank_per_patch
-        peaks[count] = measured_peak(lambda: run(pipe, image, mask, method="patch-adapter", **kwargs))
-    assert peaks[64] - peaks[4] < banks[4], (peaks, banks)
-
-
 def test_kept_banks_grow_with_the_patches_in_the_estimate(pipe):
     image, mask = random_image(512, 512), box_mask(512, 512, 40, 40, 470, 470)
     plan = pipe.plan(image, mask, num_inference_steps=4, patch_batch_size=2, reference_banks="device")
@@ -128,48 +114,24 @@ def test_kept_banks_grow_with_the_patches_in_the_estimate(pipe):
     assert plan.memory.banks == 2 * kept.bank_per_patch < kept.banks
 
 
-def test_a_tight_budget_picks_smaller_settings(pipe):
+def test_the_budget_picks_the_batch_then_the_placement(pipe, monkeypatch):
+    """Largest batch first, banks on the device before the host, recording again per call last."""
+    from patch_adapter import memory
+
+    def fake(backbone, plan, batch, placement, device=None):  # 100 fixed, 10 a patch in a call, banks 50 a patch
+        banks = {"device": 50 * len(plan.tiles), "host": 2 * 50 * batch, "recompute": 50 * batch}[placement]
+        return memory.MemoryEstimate("cuda", "float16", 100, 0, 0, 10 * batch + banks, 0, banks, 50, batch, placement)
+
+    monkeypatch.setattr(memory, "estimate_memory", fake)
     image, mask = random_image(512, 512), box_mask(512, 512, 40, 40, 470, 470)
-    roomy = pipe.plan(image, mask, num_inference_steps=4, max_memory=2**40).memory
-    assert (roomy.patch_batch_size, roomy.bank_placement) == (8, "device")
-    budget = roomy.peak - roomy.banks + 4 * roomy.bank_per_patch  # room for a few banks, not all
-    tight = pipe.plan(image, mask, num_inference_steps=4, max_memory=budget).memory
-    assert tight.bank_placement == "recompute" and tight.peak <= budget
-    assert estimate_memory(pipe, pipe.plan(image, mask, num_inference_steps=4), 8, "device").peak > budget
-
-
-def test_cli_plan_prints_the_memory_estimate_without_loading_weights(tmp_path, capsys, monkeypatch):
-    from PIL import Image
-
-    from patch_adapter import cli, pipeline
-
-    monkeypatch.setattr(pipeline.PatchAdapterPipeline, "from_pretrained",
-                        lambda *a, **k: pytest.fail("--plan must not load the model"))
-    Image.fromarray(random_image(512, 384)).save(tmp_path / "image.png")
-    Image.fromarray(box_mask(384, 512, 40, 40, 300, 400).astype(np.uint8) * 255).save(tmp_path / "mask.png")
-    argv = ["inpaint", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), "--plan",
-            "--device", "cpu"]
-    assert cli.main(argv) == 0
-    roomy = capsys.readouterr().out
-    assert "memory estimate on cpu (float32): peak" in roomy and "patch batch 8" in roomy
-    assert cli.main(argv + ["--max-memory", "12MiB"]) == 0
-    tight = capsys.readouterr().out
-    assert "reference banks on the recompute" in tight, tight
-
-
-@pytest.mark.parametrize("text, expected", [("20GiB", 20 * 2**30), ("16GB", 16 * 10**9), ("8000 MB", 8 * 10**9),
-                                            ("1024", 1024), ("1.5kib", 1536)])
-def test_memory_sizes_parse(text, expected):
-    from patch_adapter.cli import memory_size
-
-    assert memory_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["lots", "-1GB", "nanGB", "3 parsecs", "0"])
-def test_bad_memory_sizes_are_refused(text):
-    import argparse
-
-    from patch_adapter.cli import memory_size
-
-    with pytest.raises(argparse.ArgumentTypeError, match="memory size"):
-        memory_size(text)
+    plan = pipe.plan(image, mask, num_inference_steps=4, max_memory=2**40)
+    patches = len(plan.tiles)
+    assert patches >= 16
+    choose = lambda budget, cap=None: memory.stage2_settings(pipe, plan, budget, cap, device="cuda")[:2]
+    assert choose(10**9) == (8, "device")
+    assert choose(10**9, cap=2) == (2, "device")
+    assert choose(100 + 80 + 50 * patches - 1) == (8, "host")  # not all banks: the batch stays, banks move
+    assert choose(100 + 10 + 100) == (1, "host")
+    assert choose(100 + 10 + 50) == (1, "recompute")
+    assert memory.stage2_settings(pipe, plan, 10**9, None, device="cpu")[:2] == (8, "device")
+    assert memory.stage2_settings(pipe, plan, 100 + 80 + 800, None, device="cpu")[:2] == (8, "recompute")

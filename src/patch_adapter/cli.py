@@ -153,6 +153,7 @@ def memory_size(text: str) -> int:
 
 
 def plan_only(args, loaded, mask) -> int:
+    from .adapters import install_adapters
     from .backbone import backbone_on_meta, resolve_device, resolve_dtype
     from .pipeline import choose_stage2_memory
     from .planning import make_plan
@@ -172,6 +173,7 @@ def plan_only(args, loaded, mask) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     backbone = types.SimpleNamespace(**backbone_on_meta(args.model, dtype, config=args.config), vae_scale_factor=8)
+    install_adapters(backbone.unet)
     choose_stage2_memory(backbone, plan, device, args.patch_batch_size, args.max_memory)
     print(plan.describe())
     return 0

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -33,26 +35,40 @@ MAX_AUTO_PATCH_BATCH = 8
 
 
 class LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of tensors created inside the block that are still alive, and their peak."""
+    """Tracks the bytes of tensors created inside the block that are still alive, and their peak.
+
+    Each storage is counted once, from the first tensor that holds it until the last such
+    tensor is gone (weakref finalizers, so the cost per operation stays constant).
+    """
 
     def __init__(self, ignore=()):
         super().__init__()
         self.known = {StorageWeakRef(t.untyped_storage()).cdata for t in ignore}
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.holders: dict[int, list[int]] = {}  # storage -> [tensors holding it, its bytes]
         self.bytes = 0
         self.peak = 0
 
+    def _release(self, key: int) -> None:
+        holders = self.holders[key]
+        holders[0] -= 1
+        if holders[0] == 0:
+            self.bytes -= holders[1]
+            del self.holders[key]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
-            self.bytes -= self.live.pop(key)[1]
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live and ref.cdata not in self.known:
-                    self.live[ref.cdata] = (ref, storage.nbytes())
-                    self.bytes += storage.nbytes()
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = StorageWeakRef(storage).cdata
+            if key in self.known:
+                continue
+            if key not in self.holders:
+                self.holders[key] = [0, storage.nbytes()]
+                self.bytes += storage.nbytes()
+            self.holders[key][0] += 1
+            weakref.finalize(tensor, self._release, key)
         self.peak = max(self.peak, self.bytes)
         return out
 
@@ -164,20 +180,30 @@ class PhaseTracer:
 
     @functools.lru_cache(maxsize=64)
     def vae_call(self, height: int, width: int, decode: bool) -> int:
-        """Working bytes of a VAE encode or decode at a latent size (tiled above native, as the pipeline does)."""
-        tiled = max(height, width) > self.pipe.unet.config.sample_size
-        meta = dict(device="meta", dtype=self.vae.dtype)
-        if tiled:
-            self.vae.enable_tiling()
-        try:
-            if decode:
-                latents = torch.empty(1, self.vae.config.latent_channels, height, width, **meta)
-                return traced_peak(lambda: self.vae.decode(latents))
-            pixels = torch.empty(1, 3, height * 8, width * 8, **meta)
-            return traced_peak(lambda: self.vae.encode(pixels))
-        finally:
-            if tiled:
-                self.vae.disable_tiling()
+        """Working bytes of a VAE encode or decode at a latent size (tiled above native, as the pipeline does).
+
+        A tiled pass is traced on one tile; diffusers keeps every tile's output until it
+        blends them, and those are counted from the tile grid.
+        """
+        vae, meta = self.vae, dict(device="meta", dtype=self.vae.dtype)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if max(height, width) > self.pipe.unet.config.sample_size:
+            tile = vae.tile_latent_min_size  # latents per tile side
+            stride = int(tile * (1 - vae.tile_overlap_factor))
+            tiles = math.ceil(height / stride) * math.ceil(width / stride)
+            one_tile = self.vae_call(tile, tile, decode)
+            itemsize = self.vae.dtype.itemsize
+            if decode:  # every tile's pixels, then the blended rows and the image
+                kept = tiles * 3 * (tile * factor) ** 2 * itemsize + 2 * 3 * height * width * factor**2 * itemsize
+            else:  # every tile's moments, then the blended latents
+                kept = tiles * 2 * vae.config.latent_channels * tile**2 * itemsize
+                kept += 2 * 2 * vae.config.latent_channels * height * width * itemsize
+            return one_tile + kept
+        if decode:
+            latents = torch.empty(1, vae.config.latent_channels, height, width, **meta)
+            return traced_peak(lambda: vae.decode(latents))
+        pixels = torch.empty(1, 3, height * factor, width * factor, **meta)
+        return traced_peak(lambda: vae.encode(pixels))
 
 
 def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "device", device=None) -> MemoryEstimate:
@@ -213,7 +239,7 @@ def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "de
         denoise = region_latents + banks + max(step, recording)
         pixels = 4 * 3 * largest.height * largest.width * factor * factor * 4  # float32 region images
         encode = pixels + tracer.vae_call(largest.height, largest.width, False)
-        decode = region_latents + pixels // 2 + tracer.vae_call(largest.height, largest.width, True)
+        decode = region_latents + tracer.vae_call(largest.height, largest.width, True)
     return MemoryEstimate(
         device=str(device), dtype=str(pipe.unet.dtype).replace("torch.", ""), weights=weights, stage1=stage1,
         stage2_encode=encode, stage2_denoise=denoise, stage2_decode=decode, banks=banks,

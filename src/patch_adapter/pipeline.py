@@ -640,8 +640,11 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
 
         references = ReferenceBanks(self, stage2.bank_placement, text, reference_timestep)
         if rpa_scale != 0 and reference is not None:
-            for batch in self._progress(batches, "reference patches"):
+            bar = self._progress(None, "reference patches", total=len(tiles))  # counts patches, like stage 2
+            for batch in batches:
                 references.add(stacked(base_latents, batch))
+                bar.update(len(batch))
+            bar.close()
         time_ids = self.time_ids(tiles[0].height * factor, tiles[0].width * factor, text)
 
         # denoise all patches in lock step; fuse noise predictions, then one scheduler step

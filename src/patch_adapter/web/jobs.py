@@ -9,7 +9,6 @@ moves values between them and the page.
 from __future__ import annotations
 
 import argparse
-import math
 import queue
 import secrets
 import threading
@@ -153,9 +152,9 @@ class Job:
         }
 
 
-def work_units(plan: InpaintPlan, patch_batch_size: int) -> int:
-    """Ticks the pipeline's progress bars will make: stage-1 steps, reference batches, patch steps."""
-    reference = sum(math.ceil(len(g) / patch_batch_size) for g in plan.groups) if plan.reference_passes else 0
+def work_units(plan: InpaintPlan) -> int:
+    """Ticks the pipeline's progress bars will make: stage-1 steps, reference patches, patch steps."""
+    reference = len(plan.tiles) if plan.reference_passes else 0  # the reference bar counts patches
     return plan.stage1_steps + reference + len(plan.tiles) * plan.stage2_steps
 
 
@@ -222,7 +221,7 @@ class JobQueue:
 
     def submit(self, image_id, settings, plan, mask) -> Job:
         job = Job(id=secrets.token_hex(8), image_id=image_id, settings=settings, plan=plan, mask=mask,
-                  total_units=max(1, work_units(plan, settings.patch_batch_size)))
+                  total_units=max(1, work_units(plan)))
         with self._lock:
             self.jobs[job.id] = job
         self._queue.put(job)
