@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup browser test test-all bench bench-train train-tiny quality clean
+.PHONY: setup browser test test-all bench bench-sdxl bench-train train-tiny retrain-rpa quality clean
 
 # .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools,
 # and the browser the web app's test drives
@@ -32,21 +32,31 @@ test:
 test-all:
 	$(PY) -m pytest -q -n 2
 
-# issue 3's scaling table: time and memory per image size and mask area, plus SDXL TFLOPs
+# the scaling table: time and memory per image size and mask area, plus SDXL TFLOPs
 bench:
 	$(PY) benchmarks/scaling.py
+
+# SDXL-size inference on a CUDA GPU (random weights): seconds per stage, peak memory, TFLOP/s;
+# without a GPU, `$(PY) benchmarks/sdxl_inference.py --estimate-only` prints the memory estimates
+bench-sdxl:
+	$(PY) benchmarks/sdxl_inference.py
 
 # steps/s and peak memory of both training stages on the tiny backbone
 bench-train:
 	$(PY) benchmarks/train_speed.py
 
-# issue 5: train the tiny backbone (VAE, text encoders, UNet) and both adapters from scratch on
+# train the tiny backbone (VAE, text encoders, UNet) and both adapters from scratch on
 # procedural scenes, into src/patch_adapter/tiny_weights (about 70 minutes on 2 cores; build/tiny
 # holds the intermediate steps, and a rerun continues from them)
 train-tiny:
 	$(PY) -m patch_adapter.training.tiny_backbone --work build/tiny --output src/patch_adapter/tiny_weights
 
-# issue 5's quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
+# train only the Reference Patch Adapter again on the shipped backbone (after a change of its design;
+# about 20 minutes on 2 cores), keeping the shipped Dual Context Adapter
+retrain-rpa:
+	$(PY) -m patch_adapter.training.tiny_backbone --work build/tiny-rpa --retrain rpa --threads 1
+
+# the quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
 # (about 12 + 30 minutes on 2 cores)
 quality:
 	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 512x512 --steps 10 --workers 2 --json build/quality/q512.json
