@@ -1,4 +1,4 @@
-"""Quality benchmark (issue 5, item 6): every method on the same seeded insert/remove tasks.
+"""Quality benchmark: every method on the same seeded insert/remove tasks.
 
     python benchmarks/quality.py --count 40 --size 512x512 --json out/quality/quality.json
     python benchmarks/quality.py --count 4 --size 256x256 --steps 4 --json /tmp/q/q.json   # a smoke run

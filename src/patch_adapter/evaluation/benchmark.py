@@ -1,4 +1,4 @@
-"""The quality benchmark (issue 5, item 6): every method on the same known-truth tasks.
+"""The quality benchmark: every method on the same known-truth tasks.
 
 Each method of docs/method.md, and Patch-Adapter without each adapter, inpaints the same
 seeded insert/remove tasks with the same backbone, steps and noise seed. Every result

@@ -60,7 +60,7 @@ class TinyRecipe:
     unet_warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    # 4. adapters (the issue-4 trainer; any TrainConfig key can be added to these)
+    # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
     adapter_scenes: int = 300
     adapter_sizes: tuple = (512, 1024)  # 4x and 8x native
     stage1: dict = dataclasses.field(default_factory=lambda: {"max_steps": 600, "batch_size": 8,
@@ -254,7 +254,7 @@ def train_backbone(recipe: TinyRecipe) -> Path:
 
 
 def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
-    """Step 4-5: DCA then RPA with the issue-4 trainer; both merged into one adapter file."""
+    """Step 4-5: DCA then RPA with the adapter trainer; both merged into one adapter file."""
     from safetensors.torch import load_file
 
     from ..adapters import BUNDLED_ADAPTER_FILE, install_adapters, save_adapter
