@@ -24,7 +24,7 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: the browser test needs chromium: sudo apt-get install chromium (it fails under CI=true)"; fi
 
-# the suite on the tiny backbone, two processes (about 9 minutes on 2 cores; the quality slice
+# the suite on the tiny backbone, two processes (about 7 minutes on 2 cores; the quality slice
 # takes the most); tests marked slow are left out, `make test-all` runs them (the direct baseline at 4K)
 test:
 	$(PY) -m pytest -q -n 2 -m "not slow"
