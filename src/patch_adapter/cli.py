@@ -152,15 +152,12 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-def plan_only(args, loaded, mask) -> int:
-    from .adapters import install_adapters
-    from .backbone import backbone_on_meta, resolve_device, resolve_dtype
-    from .pipeline import choose_stage2_memory
+def plan_from_args(args, size: tuple[int, int], mask, native: int):
+    """The plan `PatchAdapterPipeline._plan` makes for the same flags (pixels -> latent units), without a model."""
     from .planning import make_plan
 
-    native = native_size_of(args.model)
-    plan = make_plan(
-        image_size=loaded.size, mask=mask, method=args.method, native=native,
+    return make_plan(
+        image_size=size, mask=mask, method=args.method, native=native,
         num_inference_steps=args.steps, strength=args.strength,
         refine_steps=args.refine_steps or args.steps, refine_strength=args.refine_strength,
         tile_size=(args.tile_size or native) // 8,
@@ -169,6 +166,14 @@ def plan_only(args, loaded, mask) -> int:
         crop_margin=args.crop_margin if args.crop_margin is not None else native // 8,
         guidance=args.guidance_scale > 1.0, rpa_scale=args.rpa_scale,
     )
+
+
+def plan_only(args, loaded, mask) -> int:
+    from .adapters import install_adapters
+    from .backbone import backbone_on_meta, resolve_device, resolve_dtype
+    from .pipeline import choose_stage2_memory
+
+    plan = plan_from_args(args, loaded.size, mask, native_size_of(args.model))
     # the memory estimate traces the backbone's models on the meta device: no weights are read
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..cli import add_inpaint_parser, native_size_of
-from ..planning import InpaintPlan, make_plan
+from ..cli import add_inpaint_parser, native_size_of, plan_from_args
+from ..planning import InpaintPlan
 
 # the inpaint flags the page offers: main settings first, then the advanced panel
 MAIN_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "method")
@@ -80,17 +80,8 @@ def settings_dict(settings: argparse.Namespace) -> dict:
 
 
 def plan_for(settings: argparse.Namespace, size: tuple[int, int], mask: np.ndarray, native: int) -> InpaintPlan:
-    """The plan `PatchAdapterPipeline._plan` makes for the same flags (pixels -> latent units)."""
-    return make_plan(
-        image_size=size, mask=mask, method=settings.method, native=native,
-        num_inference_steps=settings.steps, strength=settings.strength,
-        refine_steps=settings.refine_steps or settings.steps, refine_strength=settings.refine_strength,
-        tile_size=(settings.tile_size or native) // 8,
-        tile_overlap=(settings.tile_overlap if settings.tile_overlap is not None else native // 4) // 8,
-        mask_dilation=settings.mask_dilation,
-        crop_margin=settings.crop_margin if settings.crop_margin is not None else native // 8,
-        guidance=settings.guidance_scale > 1.0, rpa_scale=settings.rpa_scale,
-    )
+    """The plan the pipeline will follow for these settings, made without the model (the CLI's --plan mapping)."""
+    return plan_from_args(settings, size, mask, native)
 
 
 def plan_json(plan: InpaintPlan) -> dict:
