@@ -101,6 +101,7 @@ def sdxl_flops(side: int = 4096, mask_side: int = 1024, steps: int = 30, refine_
 
     from patch_adapter.adapters import ReferenceBank, install_adapters
     from patch_adapter.planning import make_plan
+    from patch_adapter.settings import InpaintSettings
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sdxl_inpaint_unet_config())
@@ -118,9 +119,9 @@ def sdxl_flops(side: int = 4096, mask_side: int = 1024, steps: int = 30, refine_
     mask = square_mask(side, mask_side)
     rows = []
     for method in ("direct", "resize", "crop", "tiled", "two-stage", "patch-adapter"):
-        plan = make_plan((side, side), mask, method, 1024, num_inference_steps=steps, strength=0.9999,
-                         refine_steps=steps, refine_strength=refine_strength, tile_size=128, tile_overlap=32,
-                         mask_dilation=0, crop_margin=128, guidance=True, rpa_scale=1.0)
+        plan = make_plan(InpaintSettings(method=method, num_inference_steps=steps, refine_strength=refine_strength,
+                                        tile_size=1024, tile_overlap=256),
+                         (side, side), mask, 1024)
         native = plain["native (1024^2)"]
         if method == "direct":
             total = plan.stage1_steps * plain[f"full size ({side}^2)"]

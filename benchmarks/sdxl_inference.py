@@ -176,6 +176,7 @@ def print_estimates(cases, methods, budget_gib: float, steps: int) -> None:
     from patch_adapter.backbone import build_sdxl_components
     from patch_adapter.pipeline import choose_stage2_memory
     from patch_adapter.planning import make_plan
+    from patch_adapter.settings import InpaintSettings
 
     backbone = types.SimpleNamespace(**build_sdxl_components(torch.float16), vae_scale_factor=8)
     from patch_adapter.adapters import install_adapters
@@ -186,10 +187,11 @@ def print_estimates(cases, methods, budget_gib: float, steps: int) -> None:
         side, area, case_methods = CASES[case]
         for method in methods or case_methods:
             mask = square_case(side, area)
-            plan = make_plan((side, side), mask, method, 1024, num_inference_steps=steps, strength=0.9999,
-                             refine_steps=steps, refine_strength=0.6, tile_size=128, tile_overlap=32,
-                             mask_dilation=0, crop_margin=128, guidance=True, rpa_scale=1.0)
-            choose_stage2_memory(backbone, plan, "cuda", max_memory=int(budget_gib * 2**30))
+            plan = make_plan(InpaintSettings(method=method, num_inference_steps=steps, refine_strength=0.6,
+                                        tile_size=1024, tile_overlap=256),
+                         (side, side), mask, 1024)
+            plan.settings = plan.settings.replace(max_memory=int(budget_gib * 2**30))
+            choose_stage2_memory(backbone, plan, "cuda")
             print(f"{side}x{side}, {area:.0%} mask, {method}, {len(plan.tiles)} patches: {plan.memory.describe()}")
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from patch_adapter.compositing import composite, feather_alpha, latent_mask, resize_mask_any
 from patch_adapter.planning import make_plan, native_dims
+from patch_adapter.settings import InpaintSettings
 from patch_adapter.resampling import sample_region
 from patch_adapter.tiling import TileFusion, plan_tiles, tile_starts, tile_window, tiles_touching
 
@@ -99,14 +100,15 @@ def test_composite_changes_nothing_outside_the_mask(dtype):
     assert original.base is None or not np.shares_memory(out, original)
 
 
+PLAN_SETTINGS = InpaintSettings(num_inference_steps=20, tile_size=128, tile_overlap=32, crop_margin=16)
+
+
 def plan_for(size, mask_box, method="patch-adapter", native=128):
     width, height = size
     mask = np.zeros((height, width), dtype=bool)
     top, left, bottom, right = mask_box
     mask[top:bottom, left:right] = True
-    return make_plan((width, height), mask, method, native, num_inference_steps=20, strength=0.9999,
-                     refine_steps=20, refine_strength=0.6, tile_size=16, tile_overlap=4, mask_dilation=0,
-                     crop_margin=16, guidance=True, rpa_scale=1.0)
+    return make_plan(PLAN_SETTINGS.replace(method=method), (width, height), mask, native)
 
 
 @pytest.mark.parametrize("method", ["patch-adapter", "tiled", "two-stage"])
@@ -161,9 +163,7 @@ def test_plan_regions_follow_the_masks_not_the_box_around_them():
     mask = np.zeros((4096, 4096), dtype=bool)
     mask[100:200, 100:200] = True
     mask[3900:4000, 3900:4000] = True
-    plan = make_plan((4096, 4096), mask, "patch-adapter", 128, num_inference_steps=20, strength=0.9999,
-                     refine_steps=20, refine_strength=0.6, tile_size=16, tile_overlap=4, mask_dilation=0,
-                     crop_margin=16, guidance=True, rpa_scale=1.0)
+    plan = make_plan(PLAN_SETTINGS, (4096, 4096), mask, 128)
     area = sum(r.height * r.width for r in plan.regions)  # latents encoded and decoded
     assert len(plan.regions) == 2 and area < 0.02 * 512 * 512
     assert "patch region" in plan.describe()

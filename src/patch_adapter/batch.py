@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .validation import check_integer
 from .image_io import (
     SUPPORTED_EXTENSIONS,
     ImageInputError,
@@ -35,10 +36,10 @@ from .image_io import (
 REPORT_NAME = "batch_report.jsonl"
 PATH_COLUMNS = ("image", "mask", "output")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
-# Settings a skipped output is compared on, to warn when it was made with other ones
-COMPARED_SETTINGS = ("model", "adapter", "method", "prompt", "negative_prompt", "seed", "steps", "refine_steps",
-                     "guidance_scale", "strength", "refine_strength", "dca_scale", "rpa_scale", "mask_dilation",
-                     "mask_feather", "mask_threshold")
+# What a skipped output is compared on, to warn when it was made otherwise: these flags, and every
+# InpaintSettings field but those that only change speed and memory
+COMPARED_FLAGS = ("model", "adapter", "prompt", "negative_prompt", "seed")
+MEMORY_SETTINGS = ("patch_batch_size", "max_memory", "reference_banks")
 
 
 @dataclass
@@ -127,7 +128,7 @@ def setting_names() -> tuple[str, ...]:
 
 def item_settings(args, values: dict, parser: RowParser, native: int) -> argparse.Namespace:
     """The flags with a row's values on top, converted and checked by the flags' own definitions."""
-    from .pipeline import check_call_settings
+    from .cli import settings_from_args
 
     argv = []
     for key, value in values.items():
@@ -135,10 +136,8 @@ def item_settings(args, values: dict, parser: RowParser, native: int) -> argpars
             raise ValueError(f"{key}: {json.dumps(value)} is not a number or a text")
         argv.append(f"--{key.replace('_', '-')}={value}")
     s = parser.parse_args(argv, namespace=argparse.Namespace(**vars(args)))  # sets only what argv names
-    check_call_settings(s.method, s.steps, s.refine_steps, s.strength, s.refine_strength, s.tile_size,
-                        s.tile_overlap, s.mask_dilation, s.mask_feather, s.num_images, s.patch_batch_size,
-                        native=native, mask_threshold=s.mask_threshold, guidance_scale=s.guidance_scale,
-                        dca_scale=s.dca_scale, rpa_scale=s.rpa_scale, crop_margin=s.crop_margin)
+    check_integer("num_images", s.num_images, 1)
+    s.inpaint = settings_from_args(s).resolved(native)  # checked here, before any model loads
     return s
 
 
@@ -290,8 +289,8 @@ def existing_outputs(item: Item) -> list[str] | None:
     An output counts as complete once it carries its metadata: writes are atomic and the metadata of
     non-PNG formats is written last, to a sidecar.
     """
-    expected = {key: getattr(item.settings, key) for key in COMPARED_SETTINGS}
-    expected["refine_steps"] = item.settings.refine_steps or item.settings.steps  # as the metadata holds it
+    expected = {key: getattr(item.settings, key) for key in COMPARED_FLAGS}
+    expected |= {key: value for key, value in item.settings.inpaint.as_dict().items() if key not in MEMORY_SETTINGS}
     differing = set()
     for path in item.outputs:
         try:

@@ -26,8 +26,8 @@ from . import __version__
 from .backbone import BackboneLoadError
 from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
+from .settings import METHODS, BANK_PLACEMENTS, InpaintSettings
 from .validation import check_device, validate_inpaint_args
-from .planning import METHODS
 from .training.commands import add_data_parser, add_train_parser
 from .web import add_serve_parser
 
@@ -113,6 +113,20 @@ def add_settings_options(p) -> None:
                    help="memory the inpaint may use on its device, weights included, e.g. 20GiB or 16GB "
                         "(default: what the device has free); stage 2 picks its patch batch and where it keeps "
                         "reference banks to fit")
+    g.add_argument("--reference-banks", default="auto", choices=("auto",) + BANK_PLACEMENTS,
+                   help="where stage 2 keeps the reference banks (default auto: the first that fits)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="rescale classifier-free guidance, as diffusers' guidance_rescale (default 0)")
+
+
+#: InpaintSettings field -> the flag's name in an argparse namespace (and a batch manifest column)
+SETTINGS_FLAGS = {name: name for name in InpaintSettings.fields()} | {"num_inference_steps": "steps"}
+
+
+def settings_from_args(args) -> InpaintSettings:
+    """The settings flags (or a batch row, or a web form parsed by the same parser) as InpaintSettings."""
+    return InpaintSettings(**{field: getattr(args, flag) for field, flag in SETTINGS_FLAGS.items()
+                              if hasattr(args, flag)})
 
 
 def output_paths(output: str, image_path: str, count: int) -> list[Path]:
@@ -153,19 +167,10 @@ def memory_size(text: str) -> int:
 
 
 def plan_from_args(args, size: tuple[int, int], mask, native: int):
-    """The plan `PatchAdapterPipeline._plan` makes for the same flags (pixels -> latent units), without a model."""
+    """The plan the pipeline makes for the same flags, without a model."""
     from .planning import make_plan
 
-    return make_plan(
-        image_size=size, mask=mask, method=args.method, native=native,
-        num_inference_steps=args.steps, strength=args.strength,
-        refine_steps=args.refine_steps or args.steps, refine_strength=args.refine_strength,
-        tile_size=(args.tile_size or native) // 8,
-        tile_overlap=(args.tile_overlap if args.tile_overlap is not None else native // 4) // 8,
-        mask_dilation=args.mask_dilation,
-        crop_margin=args.crop_margin if args.crop_margin is not None else native // 8,
-        guidance=args.guidance_scale > 1.0, rpa_scale=args.rpa_scale,
-    )
+    return make_plan(settings_from_args(args), size, mask, native)
 
 
 def plan_only(args, loaded, mask) -> int:
@@ -179,7 +184,7 @@ def plan_only(args, loaded, mask) -> int:
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     backbone = types.SimpleNamespace(**backbone_on_meta(args.model, dtype, config=args.config), vae_scale_factor=8)
     install_adapters(backbone.unet)
-    choose_stage2_memory(backbone, plan, device, args.patch_batch_size, args.max_memory)
+    plan.stage2 = choose_stage2_memory(backbone, plan, device)
     print(plan.describe())
     return 0
 
@@ -193,7 +198,7 @@ def run_inpaint(args) -> int:
     if not args.output:
         raise ValueError("give an output file with -o OUT (or use --plan to only print the plan)")
     paths = output_paths(args.output, args.image, args.num_images)
-    validate_inpaint_args(args, loaded, mask, paths)
+    validate_inpaint_args(args, loaded, mask, paths, settings_from_args(args))
     if not mask.any():
         print("note: the mask marks no pixel to fill (white = fill); the output will equal the input",
               file=sys.stderr)
@@ -237,34 +242,20 @@ def load_pipeline(args, device=None):
 
 
 def pipeline_kwargs(args) -> dict:
-    """The settings flags as pipeline keywords, seeded generator included: one mapping for inpaint and batch."""
+    """The flags as pipeline keywords (settings, prompts, seeded generator): one mapping for inpaint and batch."""
     import torch
 
-    return dict(
-        prompt=args.prompt, negative_prompt=args.negative_prompt,
-        method=args.method, num_inference_steps=args.steps, refine_steps=args.refine_steps,
-        guidance_scale=args.guidance_scale, strength=args.strength, refine_strength=args.refine_strength,
-        generator=torch.Generator().manual_seed(args.seed), dca_scale=args.dca_scale, rpa_scale=args.rpa_scale,
-        tile_size=args.tile_size, tile_overlap=args.tile_overlap, mask_dilation=args.mask_dilation,
-        mask_feather=args.mask_feather, crop_margin=args.crop_margin, patch_batch_size=args.patch_batch_size,
-        max_memory=args.max_memory,
-        num_images_per_prompt=args.num_images,
-    )
+    return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, settings=settings_from_args(args),
+                generator=torch.Generator().manual_seed(args.seed), num_images_per_prompt=args.num_images)
 
 
 def output_metadata(args, pipe, result) -> dict:
-    """What a result file records of how it was made (PNG text chunk or .json sidecar)."""
+    """What a result file records of how it was made (PNG text chunk or .json sidecar): the resolved settings."""
     return {
         "patch_adapter_version": __version__, "model": args.model, "adapter": args.adapter,
-        "method": args.method, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
-        "seed": args.seed, "steps": args.steps, "refine_steps": args.refine_steps or args.steps,
-        "guidance_scale": args.guidance_scale, "strength": args.strength,
-        "refine_strength": args.refine_strength, "dca_scale": args.dca_scale, "rpa_scale": args.rpa_scale,
-        "tile_size": args.tile_size or pipe.native_size,
-        "tile_overlap": args.tile_overlap if args.tile_overlap is not None else pipe.native_size // 4,
-        "mask_dilation": args.mask_dilation, "mask_feather": args.mask_feather,
-        "mask_threshold": args.mask_threshold, "scheduler": type(pipe.scheduler).__name__,
-        "unet_forwards": result.plan.unet_forwards,
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        **result.plan.settings.as_dict(),
+        "scheduler": type(pipe.scheduler).__name__, "unet_forwards": result.plan.unet_forwards,
     }
 
 

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .compositing import dilate_mask, latent_mask, mask_bbox
+from .settings import METHODS, InpaintSettings
 from .tiling import Tile, bounding_tile, group_tiles, plan_tiles, tiles_touching
+from .validation import LATENT_FACTOR
 
-METHODS = ("patch-adapter", "resize", "crop", "direct", "tiled", "two-stage")
-STAGE1_METHODS = {"patch-adapter", "two-stage", "resize"}  # methods that run the backbone at native size
-TILED_METHODS = {"patch-adapter", "two-stage", "tiled"}  # methods with full-resolution patches
-LATENT_FACTOR = 8
+__all__ = ["METHODS", "InpaintPlan", "make_plan"]
 
 
 def native_dims(width: int, height: int, native: int) -> tuple[int, int]:
@@ -79,6 +78,8 @@ class InpaintPlan:
     reference_passes: int = 0
     guidance: bool = True  # classifier-free guidance doubles the batch of each forward
     memory: object | None = None  # a memory.MemoryEstimate, where a pipeline made one
+    settings: InpaintSettings | None = None  # resolved against `native`
+    stage2: object | None = None  # a pipeline.Stage2Memory (patch batch, bank placement), where a pipeline chose one
 
     @property
     def tiles(self) -> list[Tile]:
@@ -156,59 +157,50 @@ def generation_mask(mask: np.ndarray, dilation: int) -> np.ndarray:
     return out
 
 
-def make_plan(
-    image_size: tuple[int, int],
-    mask: np.ndarray,
-    method: str,
-    native: int,
-    num_inference_steps: int,
-    strength: float,
-    refine_steps: int,
-    refine_strength: float,
-    tile_size: int,
-    tile_overlap: int,
-    mask_dilation: int,
-    crop_margin: int,
-    guidance: bool,
-    rpa_scale: float,
-) -> InpaintPlan:
-    """Plan an inpaint; `mask` is the (height, width) bool mask at full resolution."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+def make_plan(settings: InpaintSettings, image_size: tuple[int, int], mask: np.ndarray, native: int) -> InpaintPlan:
+    """Plan an inpaint; `mask` is the (height, width) bool mask at full resolution.
+
+    `settings` are resolved against `native` here, and the plan keeps the resolved copy.
+    """
+    settings = settings.resolved(native)
+    spec = settings.spec
     width, height = image_size
     if mask.shape != (height, width):
         raise ValueError(f"mask shape {mask.shape} does not match image size {width}x{height}")
-    plan = InpaintPlan(method=method, image_size=(width, height), native=native, guidance=guidance)
+    plan = InpaintPlan(method=settings.method, image_size=(width, height), native=native,
+                       guidance=settings.guided, settings=settings)
     if not mask.any():
         plan.empty_mask = True
         return plan
 
     small = width * height <= native * native
-    stage1_steps = effective_steps(num_inference_steps, strength)
-    if method == "direct" or (small and method != "crop"):
+    stage1_steps = effective_steps(settings.num_inference_steps, settings.strength)
+    if spec.whole_image == "own" or (small and spec.whole_image != "crop"):
         # the whole image at its own size (images at or below native size need no stage 2)
         plan.stage1_size = padded_dims(width, height)
         plan.stage1_box = (0, 0, height, width)
         plan.stage1_steps = stage1_steps
         return plan
-    if method == "crop":
-        top, left, bottom, right = crop_box(mask, crop_margin, native)
+    if spec.whole_image == "crop":
+        top, left, bottom, right = crop_box(mask, settings.crop_margin, native)
         plan.stage1_size = native_dims(right - left, bottom - top, native)
         plan.stage1_box = (top, left, bottom, right)
         plan.stage1_steps = stage1_steps
         return plan
-    if method in STAGE1_METHODS:
+    if spec.whole_image == "native":
         plan.stage1_size = native_dims(width, height, native)
         plan.stage1_box = (0, 0, height, width)
         plan.stage1_steps = stage1_steps
-    if method in TILED_METHODS:
-        lat_mask = latent_mask(generation_mask(mask, mask_dilation), LATENT_FACTOR)
-        grid = plan_tiles(lat_mask.shape, tile_size, tile_overlap)
+    if spec.patches:
+        tile, overlap = settings.tile_size // LATENT_FACTOR, settings.tile_overlap // LATENT_FACTOR
+        lat_mask = latent_mask(generation_mask(mask, settings.mask_dilation), LATENT_FACTOR)
+        grid = plan_tiles(lat_mask.shape, tile, overlap)
         plan.groups = group_tiles(tiles_touching(grid, lat_mask))
-        plan.tile_size, plan.tile_overlap = tile_size, tile_overlap
-        if method == "tiled":
-            plan.stage2_steps = stage1_steps
+        plan.tile_size, plan.tile_overlap = tile, overlap
+        if spec.reference:
+            plan.stage2_steps = effective_steps(settings.refine_steps, settings.refine_strength)
         else:
-            plan.stage2_steps = effective_steps(refine_steps, refine_strength)
-        plan.reference_passes = len(plan.tiles) if (method == "patch-adapter" and rpa_scale != 0) else 0
+            plan.stage2_steps = stage1_steps
+        uses_rpa = spec.reference and settings.effective_rpa_scale != 0
+        plan.reference_passes = len(plan.tiles) if uses_rpa else 0
     return plan

@@ -159,29 +159,19 @@ def check_device(device) -> None:
             raise SettingsError(f"device {device!r} asked for, but MPS is not available; use cpu")
 
 
-def validate_inpaint_args(args, loaded: LoadedImage, mask: np.ndarray, outputs: Iterable) -> None:
+def validate_inpaint_args(args, loaded: LoadedImage, mask: np.ndarray, outputs: Iterable, settings) -> None:
     """Every check of an inpaint command line, before the model loads (exit code 2 on failure).
 
     ``args`` is the ``inpaint`` namespace (or one with the same names; ``mask``,
-    ``allow_lossy`` and ``overwrite_input`` may be absent), ``outputs`` the files that will
-    be written; the inputs are protected unless ``--overwrite-input``.
+    ``allow_lossy`` and ``overwrite_input`` may be absent), ``settings`` the InpaintSettings
+    made from it (checked when made), ``outputs`` the files that will be written; the
+    inputs are protected unless ``--overwrite-input``.
     """
     mask_path = getattr(args, "mask", None)
     check_prompt(args.prompt, "--prompt")
     check_seed(args.seed)
-    check_inpaint_numbers(
-        num_inference_steps=args.steps, refine_steps=args.refine_steps,
-        guidance_scale=args.guidance_scale, strength=args.strength,
-        refine_strength=args.refine_strength, dca_scale=args.dca_scale, rpa_scale=args.rpa_scale,
-        mask_threshold=args.mask_threshold, mask_dilation=args.mask_dilation,
-        mask_feather=args.mask_feather, num_images_per_prompt=args.num_images,
-        patch_batch_size=args.patch_batch_size, tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap, crop_margin=args.crop_margin,
-    )
-    for name, value in (("--tile-size", args.tile_size), ("--tile-overlap", args.tile_overlap)):
-        if value is not None and value % LATENT_FACTOR:
-            raise SettingsError(f"{name} {value} must be a multiple of {LATENT_FACTOR} px (one latent)")
-    check_feather(mask, args.mask_feather)
+    check_integer("--num-images", args.num_images, 1)
+    check_feather(mask, settings.mask_feather)
     check_device(args.device)
     inputs = [args.image] + ([mask_path] if mask_path else [])
     protect = [] if getattr(args, "overwrite_input", False) else inputs

@@ -18,23 +18,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..planning import LATENT_FACTOR
+from ..settings import METHODS as PIPELINE_METHODS
+from ..settings import InpaintSettings
+from ..validation import LATENT_FACTOR
 from ..tiling import Tile
 from .scoring import score_result
 from .tasks import MASK_KINDS, PLACEMENTS, TASK_KINDS, Task, make_task, task_record
 
-METHODS: dict[str, dict] = {
-    "patch-adapter": {"method": "patch-adapter"},
-    "resize": {"method": "resize"},
-    "crop": {"method": "crop"},
-    "direct": {"method": "direct"},
-    "tiled": {"method": "tiled"},
-    "two-stage": {"method": "two-stage"},  # the pipeline runs it with neither adapter
-    "no-dca": {"method": "patch-adapter", "dca_scale": 0.0},
-    "no-rpa": {"method": "patch-adapter", "rpa_scale": 0.0},
-    "untrained": {"method": "patch-adapter"},  # both adapters at their initial weights (see UNTRAINED)
+METHODS: dict[str, InpaintSettings] = {name: InpaintSettings(method=name) for name in PIPELINE_METHODS} | {
+    "no-dca": InpaintSettings(dca_scale=0.0),
+    "no-rpa": InpaintSettings(rpa_scale=0.0),
+    "untrained": InpaintSettings(),  # both adapters at their initial weights (see UNTRAINED)
 }
-"""Benchmark name -> keyword arguments of `PatchAdapterPipeline.__call__`."""
+"""Benchmark name -> its settings: every pipeline method, then the ablations."""
 
 UNTRAINED = {"untrained"}
 """Methods run with the adapters at their initial weights: what an SDXL user without trained adapters gets."""
@@ -98,8 +94,9 @@ def run_method(pipe, task: Task, method: str, steps: int, seed: int) -> dict:
     adapters = initial_adapters(pipe.unet) if method in UNTRAINED else contextlib.nullcontext()
     started = time.perf_counter()
     with adapters:
-        output = pipe(prompt=task.prompt, image=task.image, mask_image=task.mask, num_inference_steps=steps,
-                      generator=torch.Generator().manual_seed(seed), **METHODS[method])
+        output = pipe(prompt=task.prompt, image=task.image, mask_image=task.mask,
+                      generator=torch.Generator().manual_seed(seed),
+                      settings=METHODS[method].replace(num_inference_steps=steps))
     seconds = time.perf_counter() - started
     rows, cols = tile_borders(output.plan.tiles, pipe.vae_scale_factor)
     scores = score_result(task, output.arrays[0], rows, cols)

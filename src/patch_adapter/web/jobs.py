@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..cli import add_inpaint_parser, native_size_of, plan_from_args
 from ..planning import InpaintPlan
+from ..validation import SettingsError
 
 # the inpaint flags the page offers: main settings first, then the advanced panel
 MAIN_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "method")
@@ -27,10 +28,6 @@ ADVANCED_SETTINGS = ("scheduler", "refine_steps", "strength", "refine_strength",
                      "tile_size", "tile_overlap", "mask_dilation", "mask_feather", "crop_margin",
                      "patch_batch_size")
 SETTINGS = MAIN_SETTINGS + ADVANCED_SETTINGS
-
-
-class SettingsError(ValueError):
-    """A setting the CLI would refuse; the message is the CLI's."""
 
 
 class _RaisingParser(argparse.ArgumentParser):

@@ -42,7 +42,8 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__
 from ..compositing import mask_bbox
 from ..image_io import ImageInputError, LoadedImage, from_float, load_image, load_mask, save_image, to_float
-from ..planning import METHODS
+from ..cli import output_metadata, pipeline_kwargs
+from ..settings import METHODS
 from . import DEFAULT_UPLOAD_MB
 from .jobs import (Job, JobQueue, SettingsError, native_size_for, parse_settings, plan_for, plan_json,
                    progress_class, settings_dict, settings_schema)
@@ -242,8 +243,6 @@ class WebState:
         return self.queue.submit(entry.id, settings, plan, entry.mask.copy())  # later strokes leave it alone
 
     def _run_job(self, job: Job) -> str:
-        import torch
-
         entry = self.image(job.image_id)
         if self._pipe is None:
             job.state = "loading model"
@@ -257,26 +256,15 @@ class WebState:
         else:
             pipe.scheduler = self._default_scheduler
         try:
-            result = pipe(
-                prompt=s.prompt, image=loaded, mask_image=job.mask, negative_prompt=s.negative_prompt,
-                method=s.method, num_inference_steps=s.steps, refine_steps=s.refine_steps,
-                guidance_scale=s.guidance_scale, strength=s.strength, refine_strength=s.refine_strength,
-                generator=torch.Generator().manual_seed(s.seed), dca_scale=s.dca_scale, rpa_scale=s.rpa_scale,
-                tile_size=s.tile_size, tile_overlap=s.tile_overlap, mask_dilation=s.mask_dilation,
-                mask_feather=s.mask_feather, crop_margin=s.crop_margin, patch_batch_size=s.patch_batch_size,
-            )
+            result = pipe(image=loaded, mask_image=job.mask, **pipeline_kwargs(s))
         finally:
             del pipe.progress_bar_class  # back to the class attribute: plain tqdm
         seconds = time.monotonic() - job.started
         result_id = secrets.token_hex(8)
         path = self.workdir / "results" / f"{result_id}.png"
         settings = settings_dict(s)
-        metadata = {"patch_adapter_version": __version__, "model": self.model, "adapter": self.adapter,
-                    **settings,
-                    "refine_steps": s.refine_steps or s.steps, "scheduler": type(pipe.scheduler).__name__,
-                    "tile_size": s.tile_size or pipe.native_size,
-                    "tile_overlap": s.tile_overlap if s.tile_overlap is not None else pipe.native_size // 4,
-                    "unet_forwards": result.plan.unet_forwards, "source": entry.name}
+        metadata = {**output_metadata(s, pipe, result), "model": self.model, "adapter": self.adapter,
+                    "source": entry.name}
         save_image(path, result.arrays[0], metadata=metadata, icc_profile=loaded.icc_profile)
         self.results[result_id] = ResultEntry(
             id=result_id, image_id=entry.id, path=path, name=f"{safe_stem(entry.name)}_inpainted_{len(self.results) + 1}.png",
@@ -290,17 +278,10 @@ class WebState:
 
 
 def check_settings(settings, native: int) -> None:
-    """The pipeline's own input checks, run before queueing (no model needed)."""
-    from types import SimpleNamespace
+    """The settings' own checks, against this backbone, run before queueing (no model needed)."""
+    from ..cli import settings_from_args
 
-    from ..pipeline import PatchAdapterPipeline
-
-    geometry = SimpleNamespace(vae_scale_factor=8, native_size=native)
-    PatchAdapterPipeline.check_call_inputs(
-        geometry, settings.method, settings.steps, settings.refine_steps, settings.strength,
-        settings.refine_strength, settings.tile_size, settings.tile_overlap, settings.mask_dilation,
-        settings.mask_feather, 1, settings.patch_batch_size,
-    )
+    settings_from_args(settings).resolved(native)
 
 
 def _quietly(fn):
