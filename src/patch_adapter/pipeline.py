@@ -30,6 +30,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .adapters import BUNDLED_ADAPTER_FILE, ReferenceBank, install_adapters, load_adapter, save_adapter
+from .adapters.guard import AdapterGuardMixin
 from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype, tiny_weights_dir
 from .compositing import (
@@ -128,7 +129,7 @@ def bundled_adapter(source: str) -> Path | None:
     return path if path.is_file() else None
 
 
-class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
+class PatchAdapterPipeline(AdapterGuardMixin, StableDiffusionXLInpaintPipeline):
     """Text-guided inpainting of images of any size with Patch-Adapter (ICCV 2025)."""
 
     def __init__(
@@ -152,6 +153,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
         )
         install_adapters(self.unet)
+        self.record_adapters()  # the pipeline's own reference to the adapters (adapters/guard.py)
         self.backbone_name = None
 
     # ------------------------------------------------------------------ loading
