@@ -73,7 +73,7 @@ class AdapterGuardMixin:
         recorded.update(adopted)
         dcas = [p for p in recorded.values() if isinstance(p, DualContextAttnProcessor)]
         projection = self.unet.encoder_hid_proj is not None and \
-            self.unet.config.get("encoder_hid_dim_type") == "ip_image_proj"
+            getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
         if projection and any(p.ip_adapter is None for p in dcas):
             raise AdapterReplacedError(
                 "the UNet has an IP-Adapter image projection but the Patch-Adapter cross-attention layers hold no "
