@@ -188,6 +188,15 @@ def test_fuse_qkv_projections_of_the_unet_is_refused_before_anything_changes(pip
     pipe.check_adapters()
 
 
+def test_xformers_is_refused_before_anything_changes(pipe):
+    processors = dict(adapter_processors(pipe.unet))
+    with pytest.raises(NotImplementedError, match="enable_attention_slicing"):
+        pipe.enable_xformers_memory_efficient_attention()
+    pipe.disable_xformers_memory_efficient_attention()
+    pipe.check_adapters()
+    assert adapter_processors(pipe.unet) == processors
+
+
 def test_our_own_processors_are_accepted_as_a_replacement(pipe):
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     install_adapters(pipe.unet)  # new adapters, at their initial weights
@@ -283,6 +292,10 @@ def test_ip_adapter_loads_into_the_adapter_processors_and_matches_diffusers(pipe
     assert torch.equal(forward(pipe.unet, image_embeds()), ours)
     pipe.restore_adapters()
     pipe.check_adapters()
+
+    pipe.unet.set_attn_processor(pipe.stock_processors())  # the public stock view keeps the IP-Adapter
+    assert torch.equal(forward(pipe.unet, image_embeds()), ours)
+    pipe.restore_adapters()
 
     # the IP scale acts, as diffusers sets it
     pipe.set_ip_adapter_scale(0.5)

@@ -104,6 +104,23 @@ class AdapterGuardMixin:
         full.update(processors)
         self.unet.set_attn_processor(full)
 
+    def stock_processors(self) -> dict:
+        """All UNet processors as diffusers would have them without Patch-Adapter (for set_attn_processor).
+
+        Each adapter layer gets `AttnProcessor2_0`, or the IP-Adapter processor its DCA
+        processor holds, so a stock forward keeps a loaded IP-Adapter.
+        """
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        stock = AttnProcessor2_0()
+        processors = self.unet.attn_processors
+        for name, proc in processors.items():
+            if isinstance(proc, DualContextAttnProcessor) and proc.ip_adapter is not None:
+                processors[name] = proc.ip_adapter
+            elif isinstance(proc, ADAPTER_CLASSES):
+                processors[name] = stock
+        return processors
+
     @contextmanager
     def _diffusers_view(self, take_ip: bool = False):
         """Within this block the adapter layers hold what diffusers' own methods expect.
@@ -113,15 +130,9 @@ class AdapterGuardMixin:
         loading and unloading) each DCA processor takes its layer's IP-Adapter processor
         as diffusers left it. If the block fails, the adapters go back unchanged.
         """
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         self.check_adapters()
         recorded = self._recorded_adapters()
-        stock = AttnProcessor2_0()
-        self._set_processors({
-            name: proc.ip_adapter if isinstance(proc, DualContextAttnProcessor) and proc.ip_adapter is not None
-            else stock
-            for name, proc in recorded.items()})
+        self.unet.set_attn_processor(self.stock_processors())
         done = False
         try:
             yield recorded
@@ -161,6 +172,16 @@ class AdapterGuardMixin:
                 "compute their own projections) and turn the adapters off; fuse only the VAE with "
                 "pipe.fuse_qkv_projections(unet=False)")
         return super().fuse_qkv_projections(unet=False, vae=vae)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        """Refused: xFormers processors would replace the adapters (ours run on torch SDPA, memory-efficient already)."""
+        raise NotImplementedError(
+            "xFormers attention would replace the Patch-Adapter attention processors and turn the adapters off; "
+            "they run on torch's scaled_dot_product_attention, which picks memory-efficient kernels itself "
+            "(pipe.enable_attention_slicing() keeps the adapters if memory is short)")
+
+    def disable_xformers_memory_efficient_attention(self):
+        """Nothing to undo (enabling is refused); diffusers' version would reset the adapter layers."""
 
     def load_ip_adapter(self, *args, **kwargs):
         """diffusers' IP-Adapter loading, with the IP-Adapter put inside the DCA processors (they add its term)."""
