@@ -304,6 +304,12 @@ def test_ip_adapter_loads_into_the_adapter_processors_and_matches_diffusers(pipe
     stock_ip_view(pipe.unet)
     assert torch.equal(forward(pipe.unet, image_embeds()), half)
     pipe.restore_adapters()
+    pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})  # diffusers' per-block form: others off
+    blocks = forward(pipe.unet, image_embeds())
+    assert (blocks - half).abs().max() > 1e-3
+    stock_ip_view(pipe.unet)
+    assert torch.equal(forward(pipe.unet, image_embeds()), blocks)
+    pipe.restore_adapters()
     pipe.set_ip_adapter_scale(0.0)
     torch.testing.assert_close(forward(pipe.unet, image_embeds()), without_ip, atol=1e-6, rtol=0)
     pipe.set_ip_adapter_scale(1.0)
