@@ -48,8 +48,9 @@ def split_ip_states(ip, encoder_hidden_states):
 def add_ip_adapter(ip, attn, z, query, ip_states, masks=None, slice_size=None):
     """z + the IP-Adapter terms, in diffusers' `IPAdapterAttnProcessor2_0` order and arithmetic.
 
-    z, query (B, N, inner); ip_states: one (B, T, C) tensor per IP-Adapter (or
-    (B, n_images, T, C) with masks); masks: `ip_adapter_masks` from cross_attention_kwargs.
+    z, query (B, N, inner); ip_states: one (B, n_images, T, C) or (B, T, C) tensor per
+    IP-Adapter, as the UNet's image projection gives them; masks: `ip_adapter_masks`
+    from cross_attention_kwargs (one (1, n_images, H, W) tensor or None per IP-Adapter).
     """
     from diffusers.image_processor import IPAdapterMaskProcessor
 
@@ -110,8 +111,9 @@ class DualContextAttnProcessor(nn.Module):
     """Cross-attention processor with the Dual Context Adapter beside the frozen layer.
 
     Per-call inputs come through `cross_attention_kwargs`: `dca_mask` (B or 1, 1, H, W)
-    at the UNet input's latent size, 1 = fill; `dca_scale`. Without a mask, or at
-    scale 0, it is the stock processor.
+    at the UNet input's latent size, 1 = fill; `dca_scale`; `ip_adapter_masks` as in
+    diffusers. Without a mask, or at scale 0, it is the stock processor (the stock
+    IP-Adapter processor when one is loaded).
     """
 
     kind = "dca"
