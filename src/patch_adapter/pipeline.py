@@ -35,6 +35,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .adapters import BUNDLED_ADAPTER_FILE, ReferenceBank, install_adapters, load_adapter, save_adapter
+from .adapters.guard import AdapterGuardMixin
 from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype, tiny_weights_dir
 from .compositing import (
@@ -208,7 +209,7 @@ def bundled_adapter(source: str) -> Path | None:
     return path if path.is_file() else None
 
 
-class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
+class PatchAdapterPipeline(AdapterGuardMixin, StableDiffusionXLInpaintPipeline):
     """Text-guided inpainting of images of any size with Patch-Adapter (ICCV 2025)."""
 
     #: What `callback_on_step_end_tensor_inputs` may name: the tensors every stage's loop has.
@@ -239,6 +240,7 @@ class PatchAdapterPipeline(StableDiffusionXLInpaintPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
         )
         install_adapters(self.unet)
+        self.record_adapters()  # the pipeline's own reference to the adapters (adapters/guard.py)
         self.backbone_name = None
 
     # ------------------------------------------------------------------ loading

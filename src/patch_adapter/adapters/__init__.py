@@ -1,6 +1,7 @@
 """The two adapters beside the frozen UNet, as diffusers attention processors."""
 
 from .dual_context import DualContextAttnProcessor, token_mask
+from .guard import AdapterGuardMixin, AdapterReplacedError
 from .reference_patch import ReferenceBank, ReferencePatchAttnProcessor
 from .weights import (
     ADAPTER_KINDS,
@@ -20,7 +21,9 @@ from .weights import (
 __all__ = [
     "ADAPTER_KINDS",
     "BUNDLED_ADAPTER_FILE",
+    "AdapterGuardMixin",
     "AdapterLoadError",
+    "AdapterReplacedError",
     "DualContextAttnProcessor",
     "ReferenceBank",
     "ReferencePatchAttnProcessor",

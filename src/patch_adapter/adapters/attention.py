@@ -27,12 +27,37 @@ def repeat_to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))
 
 
-def multihead_attention(query, key, value, heads: int, attention_mask=None):
+def sdpa(q, k, v, attn_mask=None, scale=None, slice_size=None):
+    """F.scaled_dot_product_attention on (B, h, N, d), optionally in slices of batch*heads rows.
+
+    slice_size (None: one call) is diffusers' attention slicing: `slice_size` of the
+    B * h attention rows at a time, as `SlicedAttnProcessor` does, which bounds the
+    memory of one attention call; rows are independent, so the result is the same.
+    """
+    batch, heads = q.shape[:2]
+    if slice_size is None or slice_size >= batch * heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                              scale=scale)
+    rows = batch * heads
+    q, k, v = (x.expand(batch, heads, *x.shape[2:]).reshape(rows, *x.shape[2:]) for x in (q, k, v))
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(batch, heads, *attn_mask.shape[-2:]).reshape(rows, *attn_mask.shape[-2:])
+    out = torch.cat([
+        F.scaled_dot_product_attention(
+            q[i:i + slice_size], k[i:i + slice_size], v[i:i + slice_size],
+            attn_mask=None if attn_mask is None else attn_mask[i:i + slice_size],
+            dropout_p=0.0, is_causal=False, scale=scale)
+        for i in range(0, rows, slice_size)
+    ])
+    return out.view(batch, heads, *out.shape[1:])
+
+
+def multihead_attention(query, key, value, heads: int, attention_mask=None, slice_size=None):
     """Scaled dot-product attention over `heads` heads.
 
     query (B, N, D), key/value (b, M, D) -> (B, N, D), with b = B, 1, or a divisor of B
     (see `repeat_to_batch`): a reference or a context shared by both halves of
-    classifier-free guidance.
+    classifier-free guidance. slice_size: see `sdpa`.
     """
     batch = query.shape[0]
     key = repeat_to_batch(key, batch)
@@ -41,7 +66,7 @@ def multihead_attention(query, key, value, heads: int, attention_mask=None):
     q = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     k = key.reshape(batch, -1, heads, head_dim).transpose(1, 2)  # (B, h, M, d)
     v = value.reshape(batch, -1, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = sdpa(q, k, v, attention_mask, slice_size=slice_size)
     return out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
 
 
@@ -79,13 +104,13 @@ class AttentionCall:
         if attn.norm_q is not None or attn.norm_k is not None:
             raise NotImplementedError("Patch-Adapter processors do not support q/k-normalised attention layers.")
 
-    def frozen_attention(self):
+    def frozen_attention(self, slice_size=None):
         """(Q, K, V, Z) of the frozen layer; Z is (B, N, inner) before W_out."""
         attn = self.attn
         query = attn.to_q(self.hidden_states)
         key = attn.to_k(self.context)
         value = attn.to_v(self.context)
-        z = multihead_attention(query, key, value, attn.heads, self.attention_mask)
+        z = multihead_attention(query, key, value, attn.heads, self.attention_mask, slice_size)
         return query, key, value, z
 
     def end(self, z):

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionCall, repeat_to_batch
+from .attention import AttentionCall, repeat_to_batch, sdpa
 
 OFFSET_DIMS = 8
 """Extra query/key dimensions that carry the reference offset (8 keeps head sizes kernel-friendly)."""
@@ -79,13 +79,14 @@ class ReferenceBank:
         return sum(v.numel() * v.element_size() for v in self.features.values())
 
 
-def joint_attention(query, key, value, ref_key, ref_value, heads: int, offset=None, attention_mask=None):
+def joint_attention(query, key, value, ref_key, ref_value, heads: int, offset=None, attention_mask=None,
+                    slice_size=None):
     """One softmax over own and reference keys: Attn(q, [k; k_r], [v; v_r]).
 
     query/key/value (B, N, D); ref_key/ref_value (b, M, D) with b dividing B; offset
     (B, N, heads) or None: added to every reference logit of that query and head;
-    attention_mask: the layer's own additive mask over its N keys, or None.
-    Returns (B, N, D).
+    attention_mask: the layer's own additive mask over its N keys, or None;
+    slice_size: attention slicing (see `attention.sdpa`). Returns (B, N, D).
     """
     batch, tokens, inner = query.shape
     head_dim = inner // heads
@@ -104,7 +105,7 @@ def joint_attention(query, key, value, ref_key, ref_value, heads: int, offset=No
         v = F.pad(v, (0, OFFSET_DIMS))  # the same head size for q, k and v keeps the fused kernels usable
     if attention_mask is not None:
         attention_mask = F.pad(attention_mask, (0, k.shape[2] - attention_mask.shape[-1]))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
+    out = sdpa(q, k, v, attention_mask, scale=scale, slice_size=slice_size)
     return out[..., :head_dim].transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)
 
 
@@ -124,6 +125,7 @@ class ReferencePatchAttnProcessor(nn.Module):
         self.to_k_ref = nn.Linear(query_dim, inner_dim, bias=bias)  # W^r_k
         self.to_v_ref = nn.Linear(query_dim, inner_dim, bias=bias)  # W^r_v
         self.gate = nn.Linear(query_dim, heads)  # d: the learned correction of the reference's share
+        self.slice_size = None  # attention slicing (pipe.enable_attention_slicing): rows per SDPA call
 
     @classmethod
     def for_layer(cls, attn, layer_name: str) -> "ReferencePatchAttnProcessor":
@@ -161,7 +163,7 @@ class ReferencePatchAttnProcessor(nn.Module):
         if rpa_bank is not None and rpa_bank.recording:
             rpa_bank.features[self.layer_name] = call.hidden_states.detach()
         if rpa_bank is None or rpa_bank.recording or rpa_scale == 0:
-            return call.end(call.frozen_attention()[3])
+            return call.end(call.frozen_attention(self.slice_size)[3])
         if not rpa_scale > 0:
             raise ValueError(f"rpa_scale must be a finite number >= 0, got {rpa_scale}")
         try:
@@ -171,5 +173,6 @@ class ReferencePatchAttnProcessor(nn.Module):
         tokens = call.hidden_states  # (B, N, C)
         offset = self.gate(tokens) + math.log(rpa_scale)  # (B, N, heads)
         z = joint_attention(attn.to_q(tokens), attn.to_k(call.context), attn.to_v(call.context),
-                            self.to_k_ref(ref), self.to_v_ref(ref), attn.heads, offset, call.attention_mask)
+                            self.to_k_ref(ref), self.to_v_ref(ref), attn.heads, offset, call.attention_mask,
+                            self.slice_size)
         return call.end(z)

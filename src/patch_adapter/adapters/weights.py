@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..backbone import backbone_identity
-from .dual_context import DualContextAttnProcessor
+from .dual_context import DualContextAttnProcessor, is_ip_adapter_processor
 from .reference_patch import ReferencePatchAttnProcessor
 
 FORMAT_NAME = "patch-adapter"
@@ -37,20 +37,58 @@ def install_adapters(unet) -> None:
     """Put a DCA processor in every `attn2` and an RPA processor in every `attn1`.
 
     Processors already installed are kept (so their weights survive a second call).
+    diffusers' IP-Adapter processors are kept inside the DCA processors (which add the
+    IP-Adapter term themselves); any other processor with weights is refused rather
+    than dropped. The UNet's state dict leaves the processors out (see `drop_processor_keys`).
     """
     processors = {}
     for name, current in unet.attn_processors.items():
         layer = name[: -len(".processor")]
         attn = unet.get_submodule(layer)
-        if layer.endswith("attn2"):
-            keep = isinstance(current, DualContextAttnProcessor)
-            processors[name] = current if keep else DualContextAttnProcessor.for_layer(attn)
-        elif layer.endswith("attn1"):
-            keep = isinstance(current, ReferencePatchAttnProcessor)
-            processors[name] = current if keep else ReferencePatchAttnProcessor.for_layer(attn, layer)
-        else:
+        ours = {"attn2": DualContextAttnProcessor, "attn1": ReferencePatchAttnProcessor}.get(layer.rsplit(".", 1)[-1])
+        if ours is None or isinstance(current, ours):
             processors[name] = current
+            continue
+        if isinstance(current, torch.nn.Module) and any(True for _ in current.parameters()) and not (
+                ours is DualContextAttnProcessor and is_ip_adapter_processor(current)):
+            raise ValueError(
+                f"{layer} has a {type(current).__name__} with weights of its own, which Patch-Adapter's processor "
+                "would replace and lose; remove it (unet.set_attn_processor(AttnProcessor2_0())) before "
+                "installing the adapters")
+        proc = DualContextAttnProcessor.for_layer(attn) if ours is DualContextAttnProcessor \
+            else ReferencePatchAttnProcessor.for_layer(attn, layer)
+        if is_ip_adapter_processor(current):
+            proc.ip_adapter = current
+        processors[name] = proc
     unet.set_attn_processor(processors)
+    if not getattr(unet, "_patch_adapter_hooks", False):
+        unet.register_state_dict_post_hook(drop_processor_keys)
+        unet.register_load_state_dict_post_hook(forgive_processor_keys)
+        unet._patch_adapter_hooks = True
+
+
+PROCESSOR_KEY = ".processor."
+
+
+def drop_processor_keys(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook: no attention-processor weights in the UNet's state dict.
+
+    Processors are nn.Modules under each Attention, so without it `unet.save_pretrained`
+    writes the adapters (and IP-Adapter weights) into the UNet file; they have their own
+    files (`save_adapter`, the IP-Adapter checkpoint).
+    """
+    for key in [k for k in state_dict if k.startswith(prefix) and PROCESSOR_KEY in k[len(prefix):]]:
+        del state_dict[key]
+
+
+def forgive_processor_keys(module, incompatible_keys) -> None:
+    """Load-state-dict hook: a UNet state dict without processor weights (see above) loads strictly."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if PROCESSOR_KEY not in k]
+
+
+def own_state_dict(proc) -> dict:
+    """A processor's adapter weights, without the IP-Adapter it may hold (that is not ours to save)."""
+    return {k: v for k, v in proc.state_dict().items() if not k.startswith("ip_adapter.")}
 
 
 def adapter_processors(unet, kinds=ADAPTER_KINDS) -> dict:
@@ -62,14 +100,15 @@ def adapter_processors(unet, kinds=ADAPTER_KINDS) -> dict:
 
 
 def adapter_parameters(unet, kinds=ADAPTER_KINDS) -> list[torch.nn.Parameter]:
-    return [p for proc in adapter_processors(unet, kinds).values() for p in proc.parameters()]
+    return [p for proc in adapter_processors(unet, kinds).values()
+            for name, p in proc.named_parameters() if not name.startswith("ip_adapter.")]
 
 
 def adapter_state_dict(unet, kinds=ADAPTER_KINDS) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value
         for name, proc in adapter_processors(unet, kinds).items()
-        for key, value in proc.state_dict().items()
+        for key, value in own_state_dict(proc).items()
     }
 
 
@@ -82,14 +121,14 @@ def reset_adapters(unet, kinds=ADAPTER_KINDS) -> None:
 @contextlib.contextmanager
 def initial_adapters(unet, kinds=ADAPTER_KINDS):
     """Within this block the adapters are at their initial weights; the trained ones come back after."""
-    trained = {name: {k: v.clone() for k, v in proc.state_dict().items()}
+    trained = {name: {k: v.clone() for k, v in own_state_dict(proc).items()}
                for name, proc in adapter_processors(unet, kinds).items()}
     reset_adapters(unet, kinds)
     try:
         yield unet
     finally:
         for name, proc in adapter_processors(unet, kinds).items():
-            proc.load_state_dict(trained[name])
+            proc.load_state_dict(trained[name], strict=False)
 
 
 def manifest(unet, state: dict, kinds, backbone_name: str | None = None) -> dict:
