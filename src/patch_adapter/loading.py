@@ -127,7 +127,7 @@ def still_present(proc, unet) -> bool:
             return True
         if isinstance(current, torch.nn.Module) and any(m is proc for m in current.modules()):
             return True
-        if any(value is proc for value in vars(current).values()):
+        if any(value is proc for value in getattr(current, "__dict__", {}).values()):
             return True
     return False
 
@@ -204,7 +204,8 @@ class PatchAdapterLoadingMixin:
           beside ``model_index.json`` (``patch_adapter.safetensors``, as "tiny" does), or a hub
           repo's file of that name (a warning when there is none, or offline when it is not
           cached). **adapter=False loads none: the adapters stay at their initial weights**,
-          where DCA has no effect and RPA is plain reference-only attention.
+          where DCA has no effect and RPA is plain reference-only attention. adapter=True:
+          the shipped file, and an error when there is none.
         - device: "auto" (cuda, mps, cpu) or a torch device; not moved with device_map.
         - cpu_offload: diffusers' model CPU offload on that device (needs accelerate and a GPU).
         - scheduler: a short name (euler, euler-a, ddim, dpm++, unipc) or a scheduler object.
