@@ -1,6 +1,7 @@
 """The loading contract of a diffusers drop-in, tried as a diffusers user would, on the tiny backbone.
 
-Offline (HF_HUB_OFFLINE=1): a hub id is served from a hub cache made here.
+Offline: a hub id is served from a hub cache made here, with local_files_only=True
+(HF_HUB_OFFLINE set here comes after huggingface_hub has read it, through conftest).
 """
 
 import json
@@ -238,7 +239,8 @@ def hub_cache(tmp_path, folder, repo="someone/tiny-inpaint", with_adapter=True):
 
 def test_hub_id_loads_the_repo_adapter_file_from_the_cache(trained, saved, tmp_path):
     cache = hub_cache(tmp_path, saved)
-    pipe = PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu")
+    pipe = PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu",
+                                                    local_files_only=True)
     assert same_state(adapter_state_dict(pipe.unet), adapter_state_dict(trained.unet))
     assert pipe.backbone_name == "someone/tiny-inpaint"
 
@@ -246,12 +248,13 @@ def test_hub_id_loads_the_repo_adapter_file_from_the_cache(trained, saved, tmp_p
 def test_hub_id_without_a_cached_adapter_file_says_so(trained, saved, tmp_path):
     cache = hub_cache(tmp_path, saved, with_adapter=False)
     with pytest.warns(UserWarning, match="initial weights"):
-        pipe = PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu")
+        pipe = PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu",
+                                                    local_files_only=True)
     assert same_state(adapter_state_dict(pipe.unet), initial_state(trained))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # adapter=False: none wanted, nothing to say
         PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu",
-                                             adapter=False)
+                                             adapter=False, local_files_only=True)
 
 
 # --------------------------------------------------------------------------- from_pipe
