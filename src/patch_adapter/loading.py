@@ -81,11 +81,11 @@ def popped_keywords(function) -> frozenset:
     return frozenset(re.findall(r"kwargs\.pop\(\s*[\"'](\w+)[\"']", source))
 
 
-def check_keywords(cls, kwargs: dict, loaders) -> None:
+def check_keywords(cls, kwargs: dict, loaders, method: str = "from_pretrained") -> None:
     """Refuse keywords no loader of `loaders` nor the pipeline's __init__ takes (diffusers only logs them)."""
     refused = sorted(set(kwargs) & set(REFUSED_KEYWORDS))
     if refused:
-        raise TypeError(f"{cls.__name__}.from_pretrained does not take {', '.join(refused)}: it always builds "
+        raise TypeError(f"{cls.__name__}.{method} does not take {', '.join(refused)}: it always builds "
                         f"{cls.__name__} (use DiffusionPipeline.from_pretrained for other pipelines)")
     expected, optional = cls._get_signature_keys(cls)
     known = set(expected) | set(optional) | set(OUR_KEYWORDS)
@@ -93,7 +93,7 @@ def check_keywords(cls, kwargs: dict, loaders) -> None:
         known |= popped_keywords(loader)
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments: {', '.join(unknown)}")
+        raise TypeError(f"{cls.__name__}.{method} got unexpected keyword arguments: {', '.join(unknown)}")
 
 
 def resolve_dtypes(dtype, torch_dtype):
@@ -105,6 +105,21 @@ def resolve_dtypes(dtype, torch_dtype):
     if isinstance(value, dict):
         return {name: resolve_dtype(item) for name, item in value.items()}
     return resolve_dtype(value)
+
+
+def our_keywords(kwargs: dict):
+    """Pop (adapter, device, cpu_offload, scheduler name, dtype) from `kwargs`; a scheduler object
+    stays in them, as diffusers' component override."""
+    adapter = kwargs.pop("adapter", None)
+    device = kwargs.pop("device", "auto")
+    cpu_offload = kwargs.pop("cpu_offload", False)
+    scheduler = kwargs.get("scheduler")
+    if isinstance(scheduler, str) or scheduler is None:
+        kwargs.pop("scheduler", None)
+    else:
+        scheduler = None
+    dtype = resolve_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+    return adapter, device, cpu_offload, scheduler, dtype
 
 
 PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
@@ -216,20 +231,11 @@ class PatchAdapterLoadingMixin:
         Unknown keywords raise TypeError (diffusers itself would only log them).
         """
         source = str(pretrained_model_name_or_path)
-        kwargs = dict(kwargs)
-        adapter = kwargs.pop("adapter", None)
-        device = kwargs.pop("device", "auto")
-        cpu_offload = kwargs.pop("cpu_offload", False)
-        scheduler = kwargs.get("scheduler")
-        if isinstance(scheduler, str) or scheduler is None:
-            kwargs.pop("scheduler", None)
-        else:
-            scheduler = None  # an object: diffusers' component override
-        dtype = resolve_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         kind, resolved = source_kind(source)
         if kind == "single_file":
-            return cls.from_single_file(resolved, adapter=adapter, device=device, cpu_offload=cpu_offload,
-                                        scheduler=scheduler, dtype=dtype, **kwargs)
+            return cls.from_single_file(str(resolved), **kwargs)
+        kwargs = dict(kwargs)
+        adapter, device, cpu_offload, scheduler, dtype = our_keywords(kwargs)
         if kwargs.pop("config", None) is not None:
             raise TypeError("config= is for single-file checkpoints; a diffusers folder or hub id has its own")
         check_keywords(cls, kwargs, (DiffusionPipeline.from_pretrained, DiffusionPipeline.download))
@@ -282,20 +288,14 @@ class PatchAdapterLoadingMixin:
         """
         source = str(pretrained_model_link_or_path)
         kwargs = dict(kwargs)
-        adapter = kwargs.pop("adapter", None)
-        device = kwargs.pop("device", "auto")
-        cpu_offload = kwargs.pop("cpu_offload", False)
-        scheduler = kwargs.get("scheduler")
-        if isinstance(scheduler, str) or scheduler is None:
-            kwargs.pop("scheduler", None)
-        else:
-            scheduler = None
-        dtype = resolve_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        adapter, device, cpu_offload, scheduler, dtype = our_keywords(kwargs)
         if isinstance(dtype, dict):
             raise TypeError("a single-file checkpoint loads with one dtype, not a dict per component")
         from diffusers.loaders.single_file import FromSingleFileMixin
 
-        check_keywords(cls, kwargs, (FromSingleFileMixin.from_single_file,))
+        check_keywords(cls, kwargs, (FromSingleFileMixin.from_single_file,), "from_single_file")
+        if adapter is True:
+            raise BackboneLoadError("adapter=True: a single-file checkpoint ships no adapter file; pass adapter=PATH")
         path = Path(source).expanduser()
         if "://" not in source and not path.is_file():
             raise BackboneLoadError(f"checkpoint file {source} does not exist.")
