@@ -212,7 +212,10 @@ def test_sources_fail_with_what_to_do(tmp_path):
     with pytest.raises(BackboneLoadError, match="single-file checkpoint"):
         PatchAdapterPipeline.from_pretrained(tmp_path / "broken.safetensors", local_files_only=True)
     with pytest.raises(BackboneLoadError, match="single-file checkpoint"):
-        PatchAdapterPipeline.from_single_file(str(tmp_path / "broken.safetensors"), local_files_only=True)
+        PatchAdapterPipeline.from_single_file(str(tmp_path / "broken.safetensors"), local_files_only=True,
+                                              scheduler=DDIMScheduler())
+    with pytest.raises(TypeError, match="bogus"):
+        PatchAdapterPipeline.from_pretrained(tmp_path / "broken.safetensors", bogus=1)
     with pytest.raises(BackboneLoadError, match="neither 'tiny'"):
         PatchAdapterPipeline.from_pretrained("not a model")
 

@@ -10,6 +10,9 @@ scheduler) from one of:
 - a single-file ``.safetensors``/``.ckpt`` SDXL-inpainting checkpoint;
 - a hub id such as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` (where a hub
   is reachable; offline it fails with a message that says what to download).
+
+`source_kind` tells these apart (with the errors that say what to pass instead);
+`PatchAdapterPipeline.from_pretrained` (loading.py) uses it too, then diffusers' loaders.
 """
 
 from __future__ import annotations
