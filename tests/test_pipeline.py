@@ -187,7 +187,7 @@ def test_diffusers_folder_round_trip_without_adapters(pipe, tmp_path):
 
     saved = load_file(str(next((tmp_path / "model" / "unet").glob("*.safetensors"))))
     assert not any(".processor." in key for key in saved)  # adapters go to their own file
-    assert any(".processor." in key for key in pipe.unet.state_dict())  # and are back after saving
+    pipe.check_adapters()  # and are still in place after saving
     loaded = PatchAdapterPipeline.from_pretrained(str(tmp_path / "model"), device="cpu")
     loaded.set_progress_bar_config(disable=True)
     loaded.set_scheduler("euler")

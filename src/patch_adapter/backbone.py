@@ -10,6 +10,9 @@ scheduler) from one of:
 - a single-file ``.safetensors``/``.ckpt`` SDXL-inpainting checkpoint;
 - a hub id such as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` (where a hub
   is reachable; offline it fails with a message that says what to download).
+
+`source_kind` tells these apart (with the errors that say what to pass instead);
+`PatchAdapterPipeline.from_pretrained` (loading.py) uses it too, then diffusers' loaders.
 """
 
 from __future__ import annotations
@@ -217,33 +220,17 @@ def _offline_hint(source: str) -> str:
     )
 
 
-def load_backbone(
-    source: str = "tiny",
-    torch_dtype: torch.dtype = torch.float32,
-    config: str | None = None,
-    variant: str | None = None,
-    local_files_only: bool | None = None,
-) -> dict:
-    """Load the components of an SDXL-inpainting backbone.
+def source_kind(source: str) -> tuple[str, object]:
+    """What a model source is: ("folder", path), ("single_file", path), ("hub", repo id) or
+    ("tiny_random", None) (no trained tiny folder); "tiny" is the bundled folder.
 
-    ``config`` is only for single-file checkpoints: a local diffusers folder (or hub
-    id) whose component configs describe the checkpoint; offline it is required.
+    Raises BackboneLoadError, saying what to pass instead, for a folder without
+    model_index.json, a missing checkpoint file, or something that is none of these.
     """
-    from diffusers import StableDiffusionXLInpaintPipeline
-
     source = str(source)
     if source == "tiny":
         weights = tiny_weights_dir()
-        if (weights / "model_index.json").is_file():
-            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(weights, dtype=torch_dtype)
-            components = _components_of(pipe)
-        else:
-            components = build_tiny_components()
-            if torch_dtype != torch.float32:  # built in float32; a no-op cast only makes diffusers warn
-                for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                    components[name].to(torch_dtype)
-        return components
-
+        return ("folder", weights) if (weights / "model_index.json").is_file() else ("tiny_random", None)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -252,18 +239,57 @@ def load_backbone(
                 f"Pass a diffusers folder such as a download of {SDXL_INPAINT_HUB_ID}, "
                 f"or a single .safetensors checkpoint."
             )
+        return "folder", path
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise BackboneLoadError(f"checkpoint file {source} does not exist.")
+        return "single_file", path
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "hub", source
+    raise BackboneLoadError(
+        f"model {source!r} is neither 'tiny', an existing diffusers folder, a single-file checkpoint "
+        f"({', '.join(SINGLE_FILE_SUFFIXES)}) nor a hub id of the form owner/name (e.g. {SDXL_INPAINT_HUB_ID})."
+    )
+
+
+def load_backbone(
+    source: str = "tiny",
+    torch_dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+) -> dict:
+    """Load the components of an SDXL-inpainting backbone (no adapters).
+
+    ``config`` is only for single-file checkpoints: a local diffusers folder (or hub
+    id) whose component configs describe the checkpoint; offline it is required.
+    `PatchAdapterPipeline.from_pretrained` takes the same sources with diffusers' keywords.
+    """
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    source = str(source)
+    kind, where = source_kind(source)
+    if kind == "tiny_random":
+        components = build_tiny_components()
+        if torch_dtype != torch.float32:  # built in float32; a no-op cast only makes diffusers warn
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                components[name].to(torch_dtype)
+        return components
+    if source == "tiny":
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(where, dtype=torch_dtype)
+        return _components_of(pipe)
+
+    if kind == "folder":
         try:
-            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(path, dtype=torch_dtype, variant=variant)
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(where, dtype=torch_dtype, variant=variant)
         except (OSError, ValueError, TypeError) as err:
             raise BackboneLoadError(f"could not load the diffusers folder {source}: {err}") from err
         return check_inpainting_backbone(_components_of(pipe), source)
 
-    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        if not path.is_file():
-            raise BackboneLoadError(f"checkpoint file {source} does not exist.")
+    if kind == "single_file":
         try:
             pipe = StableDiffusionXLInpaintPipeline.from_single_file(
-                str(path), dtype=torch_dtype, config=config,
+                str(where), dtype=torch_dtype, config=config,
                 local_files_only=bool(local_files_only) if local_files_only is not None else None,
             )
         except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
@@ -275,19 +301,13 @@ def load_backbone(
             ) from err
         return check_inpainting_backbone(_components_of(pipe), source)
 
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        try:
-            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
-                source, dtype=torch_dtype, variant=variant, local_files_only=local_files_only or False
-            )
-        except Exception as err:  # connection errors, missing cache entries, 404s
-            raise BackboneLoadError(_offline_hint(source) + f"\n(underlying error: {type(err).__name__}: {err})") from err
-        return check_inpainting_backbone(_components_of(pipe), source)
-
-    raise BackboneLoadError(
-        f"model {source!r} is neither 'tiny', an existing diffusers folder, a single-file checkpoint "
-        f"({', '.join(SINGLE_FILE_SUFFIXES)}) nor a hub id of the form owner/name (e.g. {SDXL_INPAINT_HUB_ID})."
-    )
+    try:
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
+            source, dtype=torch_dtype, variant=variant, local_files_only=local_files_only or False
+        )
+    except Exception as err:  # connection errors, missing cache entries, 404s
+        raise BackboneLoadError(_offline_hint(source) + f"\n(underlying error: {type(err).__name__}: {err})") from err
+    return check_inpainting_backbone(_components_of(pipe), source)
 
 
 def check_inpainting_backbone(components: dict, source: str) -> dict:

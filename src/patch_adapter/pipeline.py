@@ -18,7 +18,6 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -34,10 +33,10 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpain
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .adapters import BUNDLED_ADAPTER_FILE, ReferenceBank, install_adapters, load_adapter, save_adapter
+from .adapters import ReferenceBank, install_adapters
 from .adapters.guard import AdapterGuardMixin
 from .adapters.attention import repeat_to_batch
-from .backbone import load_backbone, native_size, resolve_device, resolve_dtype, tiny_weights_dir
+from .backbone import native_size
 from .compositing import (
     composite_into,
     feather_alpha_at,
@@ -48,6 +47,7 @@ from .compositing import (
     with_opaque_alpha,
 )
 from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
+from .loading import PatchAdapterLoadingMixin
 from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
 from .planning import InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
@@ -60,14 +60,6 @@ ADAPTER_ATTENTION_KEYS = {"dca_mask", "dca_scale", "rpa_bank", "rpa_scale"}  # t
 #: The settings that are also arguments of the stock pipeline, with diffusers' defaults (= InpaintSettings').
 DIFFUSERS_KNOB_DEFAULTS = {"num_inference_steps": 50, "strength": 0.9999, "guidance_scale": 7.5,
                            "guidance_rescale": 0.0, "eta": 0.0}
-
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 
 @dataclass
@@ -202,22 +194,12 @@ def pad_to_multiple(pixels: np.ndarray, mask: np.ndarray, height: int, width: in
     return pixels, mask
 
 
-def bundled_adapter(source: str) -> Path | None:
-    """The adapter file a backbone folder ships, if any."""
-    folder = tiny_weights_dir() if str(source) == "tiny" else Path(str(source)).expanduser()
-    path = folder / BUNDLED_ADAPTER_FILE
-    return path if path.is_file() else None
-
-
-class PatchAdapterPipeline(AdapterGuardMixin, StableDiffusionXLInpaintPipeline):
+class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDiffusionXLInpaintPipeline):
     """Text-guided inpainting of images of any size with Patch-Adapter (ICCV 2025)."""
 
     #: What `callback_on_step_end_tensor_inputs` may name: the tensors every stage's loop has.
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask",
                                "masked_image_latents"]
-
-    def check_adapters(self):  # TEMP until the guard mixin lands
-        pass
 
     def __init__(
         self,
@@ -242,83 +224,6 @@ class PatchAdapterPipeline(AdapterGuardMixin, StableDiffusionXLInpaintPipeline):
         install_adapters(self.unet)
         self.record_adapters()  # the pipeline's own reference to the adapters (adapters/guard.py)
         self.backbone_name = None
-
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str = "tiny",
-        *,
-        adapter=None,
-        device: str = "auto",
-        dtype=None,
-        torch_dtype=None,
-        cpu_offload: bool = False,
-        config: str | None = None,
-        variant: str | None = None,
-        scheduler: str | None = None,
-        local_files_only: bool | None = None,
-    ) -> "PatchAdapterPipeline":
-        """Load the backbone (``"tiny"``, a diffusers folder, a single file or a hub id).
-
-        device: "auto" (cuda, mps, cpu), or any torch device. dtype: fp32 (default),
-        fp16 or bf16. cpu_offload: keep each model on the CPU until it runs
-        (diffusers' model offload; needs accelerate and a GPU). adapter: a
-        Patch-Adapter .safetensors file to load; by default the one a diffusers
-        folder ships (``patch_adapter.safetensors`` beside ``model_index.json``, as
-        the trained tiny backbone does); False loads none. local_files_only: never
-        reach the hub (default: the HF_HUB_OFFLINE environment variable).
-        """
-        dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
-        components = load_backbone(source, torch_dtype=dtype, config=config, variant=variant,
-                                   local_files_only=local_files_only)
-        pipe = cls(**components)
-        pipe.backbone_name = str(source)
-        if scheduler:
-            pipe.set_scheduler(scheduler)
-        if adapter is None:
-            adapter = bundled_adapter(source)
-        if adapter:
-            pipe.load_adapter(adapter)
-        device = resolve_device(device)
-        if cpu_offload and device.type != "cpu":
-            pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.to(device)
-        return pipe
-
-    @contextlib.contextmanager
-    def stock_attention(self):
-        """Within this block the UNet has diffusers' stock processors (no adapter modules)."""
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        installed = self.unet.attn_processors
-        self.unet.set_attn_processor(AttnProcessor2_0())
-        try:
-            yield self.unet
-        finally:
-            self.unet.set_attn_processor(installed)
-
-    def save_pretrained(self, save_directory, **kwargs):
-        """Save the backbone as a diffusers folder, without the adapters (see `save_adapter`)."""
-        with self.stock_attention():
-            super().save_pretrained(save_directory, **kwargs)
-
-    def load_adapter(self, path) -> dict:
-        """Load Patch-Adapter weights (DCA, RPA or both); returns the file's manifest."""
-        return load_adapter(path, self.unet)
-
-    def save_adapter(self, path, kinds=("dca", "rpa")):
-        return save_adapter(path, self.unet, kinds, backbone_name=self.backbone_name)
-
-    def set_scheduler(self, name: str) -> None:
-        """Swap the scheduler by short name (euler, euler-a, ddim, dpm++, unipc)."""
-        import diffusers
-
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-        self.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(self.scheduler.config)
 
     @property
     def native_size(self) -> int:

@@ -13,7 +13,8 @@
 2. Denoiser: the 9-channel inpainting UNet and both text encoders, trained together
    on the noise-prediction loss over the views' insert / remove / repaint lessons
    (`scene_views`); an EMA of the weights is what gets saved.
-3. The backbone is written as a diffusers folder in fp16.
+3. The backbone is written as a diffusers folder in fp16 (`save_pretrained`: its
+   model_index.json names StableDiffusionXLInpaintPipeline, so stock diffusers loads it).
 4. Full-resolution scenes are exported as an imagefolder, and the Dual Context
    Adapter (stage 1) then the Reference Patch Adapter (stage 2) are trained on it
    with the same `train()` as `patch-adapter train stage1|stage2`.
