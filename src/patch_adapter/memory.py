@@ -162,10 +162,15 @@ class PhaseTracer:
 
         def inputs(b):
             meta = dict(device="meta", dtype=self.dtype)
+            added = {"text_embeds": torch.empty(b, self.text_dim, **meta), "time_ids": torch.empty(b, 6, **meta)}
+            if self.unet.config.encoder_hid_dim_type == "ip_image_proj":  # an IP-Adapter is loaded
+                added["image_embeds"] = ip_adapter_inputs(self.unet, b, meta)
+            extra = {}
+            if self.unet.config.time_cond_proj_dim is not None:  # a guidance-distilled UNet
+                extra["timestep_cond"] = torch.empty(b, self.unet.config.time_cond_proj_dim, **meta)
             return (torch.empty(b, self.unet.config.in_channels, height, width, **meta), torch.tensor(1.0),
                     dict(encoder_hidden_states=torch.empty(b, 77, self.cross_dim, **meta),
-                         added_cond_kwargs={"text_embeds": torch.empty(b, self.text_dim, **meta),
-                                            "time_ids": torch.empty(b, 6, **meta)}))
+                         added_cond_kwargs=added, **extra))
 
         reference = ReferenceBank()
         if bank:
@@ -205,6 +210,20 @@ class PhaseTracer:
             return traced_peak(lambda: vae.decode(latents))
         pixels = torch.empty(1, 3, height * factor, width * factor, **meta)
         return traced_peak(lambda: vae.encode(pixels))
+
+
+def ip_adapter_inputs(unet, batch: int, meta: dict) -> list[torch.Tensor]:
+    """Image embeddings of the shape each loaded IP-Adapter's projection takes, one image each."""
+    from diffusers.models.embeddings import ImageProjection
+
+    inputs = []
+    for layer in unet.encoder_hid_proj.image_projection_layers:
+        if isinstance(layer, ImageProjection):
+            inputs.append(torch.empty(batch, 1, layer.image_embeds.in_features, **meta))
+        else:  # the "plus" kinds take the image encoder's hidden states (CLIP ViT-H: 257 tokens)
+            linear = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+            inputs.append(torch.empty(batch, 1, 257, linear.in_features, **meta))
+    return inputs
 
 
 def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "device", device=None) -> MemoryEstimate:

@@ -374,9 +374,12 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 2. Inputs as a batch: prompts, images and masks, one plan per image
-        count = self.batch_size(prompt, prompt_embeds)
-        images = broadcast(as_list(image, "image"), count, "image")
-        masks = broadcast(as_list(mask_image, "mask_image"), count, "mask_image")
+        prompts = self.batch_size(prompt, prompt_embeds)
+        images, masks = as_list(image, "image"), as_list(mask_image, "mask_image")
+        count = max(prompts, len(images), len(masks))  # one prompt, image or mask serves the whole batch
+        images, masks = broadcast(images, count, "image"), broadcast(masks, count, "mask_image")
+        if prompts not in (1, count):
+            raise ValueError(f"{prompts} prompts for a batch of {count} images: give one prompt, or one per image")
         loaded = [as_loaded_image(item) for item in images]
         masks = [load_mask(as_mask_source(m), item, threshold=settings.mask_threshold)
                  for m, item in zip(masks, loaded)]
@@ -399,7 +402,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             if callback_on_step_end is not None else None
         needs_text = any(not plan.empty_mask for plan in plans)
         conditionings = self.encode_conditioning(
-            count, settings, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
+            prompts, settings, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
             ip_adapter_image_embeds, cross_attention_kwargs, clip_skip,
             micro=dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
@@ -407,7 +410,8 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
                        negative_crops_coords_top_left=negative_crops_coords_top_left,
                        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
                        negative_aesthetic_score=negative_aesthetic_score),
-        ) if needs_text else [None] * count
+        ) if needs_text else [None] * prompts
+        conditionings = conditionings * (count // prompts)  # a single prompt serves every image
 
         # 4. Run the method, once per prompt and requested image; composite inside the mask only
         arrays = []
@@ -1035,7 +1039,7 @@ def broadcast(items: list, count: int, name: str) -> list:
         return items
     if len(items) == 1:
         return items * count
-    raise ValueError(f"{len(items)} {name}s for {count} prompts: give one {name}, or one per prompt")
+    raise ValueError(f"{len(items)} {name}s for a batch of {count}: give one {name}, or one per prompt")
 
 
 def per_image_generators(generator, total: int) -> list:
