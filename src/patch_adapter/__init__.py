@@ -8,7 +8,9 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["PatchAdapterPipeline", "PatchAdapterPipelineOutput", "__version__"]
+__all__ = ["InpaintSettings", "METHODS", "PatchAdapterPipeline", "PatchAdapterPipelineOutput", "__version__"]
+
+from .settings import METHODS, InpaintSettings  # plain data, no torch
 
 
 def __getattr__(name):
