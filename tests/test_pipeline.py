@@ -146,7 +146,7 @@ def test_mask_from_alpha_and_dilation_keep_outside_pixels(pipe):
     (dict(strength=0.0), "strength must be in"),
     (dict(refine_strength=1.5), "refine_strength must be in"),
     (dict(num_inference_steps=1, strength=0.5), "leaves no denoising step"),
-    (dict(tile_size=100), "multiples of 8"),
+    (dict(tile_size=100), "multiple of 8"),
     (dict(tile_size=64, tile_overlap=64), "must be smaller than tile_size"),
     (dict(mask_feather=-1), "mask_feather must be at least 0"),
     (dict(mask_feather=20), "erases the whole fill"),

@@ -95,7 +95,7 @@ def test_upload_mask_plan_run_download_is_bit_identical_outside(client):
     assert np.array_equal(out[~mask], pixels[~mask])
     assert not np.array_equal(out[mask], pixels[mask])
     meta = Image.open(io.BytesIO(response.content)).text
-    assert '"steps": 2' in meta["patch_adapter"] and "prompt: a red circle" in meta["parameters"]
+    assert '"num_inference_steps": 2' in meta["patch_adapter"] and "prompt: a red circle" in meta["parameters"]
 
 
 def test_progress_names_each_patch_group(client):
@@ -166,7 +166,7 @@ def test_bad_settings_stale_masks_and_unknown_ids_are_refused(client):
     mask[5:20, 5:20] = True
     send_mask(client, image, mask, version=3)
     for settings, message in [({"method": "magic"}, "invalid choice"), ({"steps": "many"}, "invalid int"),
-                              ({"tile_size": 100}, "multiples of 8"), ({"rm": "-rf"}, "unknown setting")]:
+                              ({"tile_size": 100}, "multiple of 8"), ({"rm": "-rf"}, "unknown setting")]:
         response = client.post("/api/jobs", json={"image_id": image["id"], "mask_version": 3, "settings": settings})
         assert response.status_code == 400 and message in response.json()["error"], (settings, response.text)
     stale = client.post("/api/jobs", json={"image_id": image["id"], "mask_version": 2, "settings": FAST})

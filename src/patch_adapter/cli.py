@@ -26,8 +26,8 @@ from . import __version__
 from .backbone import BackboneLoadError
 from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
-from .settings import METHODS, BANK_PLACEMENTS, InpaintSettings
-from .validation import check_device, validate_inpaint_args
+from .settings import BANK_PLACEMENTS, METHODS, SCHEDULERS, InpaintSettings
+from .validation import SettingsError, check_device, validate_inpaint_args
 from .training.commands import add_data_parser, add_train_parser
 from .web import add_serve_parser
 
@@ -67,8 +67,8 @@ def add_inpaint_parser(subparsers) -> None:
     p.set_defaults(func=run_inpaint)
 
 
-def add_model_options(p) -> None:
-    """Flags of the model, loaded once: shared by `inpaint` and `batch` (one process, one model)."""
+def add_model_options(p, with_scheduler: bool = True) -> None:
+    """Flags of the model, loaded once: shared by `inpaint`, `batch` and `serve` (whose page picks the sampler)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
                    help="'tiny' (built in, offline), a diffusers folder, a single-file .safetensors checkpoint, "
@@ -79,8 +79,9 @@ def add_model_options(p) -> None:
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights precision (default: fp16 on cuda, fp32 elsewhere)")
     g.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves GPU memory)")
-    g.add_argument("--scheduler", default=None, choices=["euler", "euler-a", "ddim", "dpm++", "unipc"],
-                   help="sampler (default: the model's own)")
+    if with_scheduler:
+        g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                       help="sampler (default: the model's own)")
 
 
 def add_settings_options(p) -> None:
@@ -88,7 +89,7 @@ def add_settings_options(p) -> None:
     p.add_argument("--prompt", default="", help="what to put in the mask")
     p.add_argument("--negative-prompt", default=None, help="what to avoid")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="patch-adapter", choices=METHODS, help="the method or a baseline")
+    g.add_argument("--method", default="patch-adapter", choices=list(METHODS), help="the method or a baseline")
     g.add_argument("--steps", type=int, default=30, help="denoising steps of the whole-image pass (default 30)")
     g.add_argument("--refine-steps", type=int, default=None, help="denoising steps of the patches (default: --steps)")
     g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
@@ -124,9 +125,19 @@ SETTINGS_FLAGS = {name: name for name in InpaintSettings.fields()} | {"num_infer
 
 
 def settings_from_args(args) -> InpaintSettings:
-    """The settings flags (or a batch row, or a web form parsed by the same parser) as InpaintSettings."""
-    return InpaintSettings(**{field: getattr(args, flag) for field, flag in SETTINGS_FLAGS.items()
-                              if hasattr(args, flag)})
+    """The settings flags (or a batch row, or a web form parsed by the same parser) as InpaintSettings.
+
+    A refused setting is named by its flag, as the user wrote it.
+    """
+    try:
+        return InpaintSettings(**{field: getattr(args, flag) for field, flag in SETTINGS_FLAGS.items()
+                                  if hasattr(args, flag)})
+    except SettingsError as error:
+        message = str(error)
+        for field, flag in SETTINGS_FLAGS.items():
+            if message.startswith(field + " "):
+                raise SettingsError("--" + flag.replace("_", "-") + message[len(field):]) from None
+        raise
 
 
 def output_paths(output: str, image_path: str, count: int) -> list[Path]:

@@ -46,14 +46,8 @@ from .backbone import (
     source_kind,
     tiny_weights_dir,
 )
+from .settings import SCHEDULERS
 
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 STOCK_CLASS_NAME = "StableDiffusionXLInpaintPipeline"
 """The `_class_name` a saved folder gets: what diffusers' generic loaders can build from it."""

@@ -368,6 +368,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             cross_attention_kwargs=cross_attention_kwargs, callback=callback_on_step_end,
             callback_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, sigmas=sigmas,
         )
+        settings = settings.resolved(self.native_size)  # the backbone's defaults, as the plan and metadata hold them
         check_integer("num_images_per_prompt", num_images_per_prompt, 1)
         self.check_adapters()
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -465,6 +466,8 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             settings = settings.replace(crop_margin=padding_mask_crop)
         if timesteps is not None and sigmas is not None:
             raise ValueError("give timesteps or sigmas, not both")
+        if timesteps is not None or sigmas is not None:  # as diffusers: the schedule's length is the step count
+            settings = settings.replace(num_inference_steps=len(timesteps if timesteps is not None else sigmas))
         own = set(cross_attention_kwargs or {}) & ADAPTER_ATTENTION_KEYS
         if own:
             raise ValueError(f"cross_attention_kwargs {sorted(own)} are Patch-Adapter's own per-call inputs; "
@@ -739,7 +742,8 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         device = self._execution_device
         timesteps, sigmas = self._custom_schedule if custom and getattr(self, "_custom_schedule", None) \
             else (None, None)
-        _, steps = retrieve_timesteps(self.scheduler, steps, device, timesteps, sigmas)
+        given = timesteps is not None or sigmas is not None
+        _, steps = retrieve_timesteps(self.scheduler, None if given else steps, device, timesteps, sigmas)
         timesteps, _ = self.get_timesteps(steps, strength, device)
         self._num_timesteps = len(timesteps)
         return timesteps
@@ -880,17 +884,19 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         return fill[: box[2] - box[0], : box[3] - box[1]], box
 
     def record_reference(self, reference_latents, text, timestep: int) -> ReferenceBank:
-        """Pass a clean reference patch through the frozen UNet once, keeping attn1 inputs."""
-        bank = ReferenceBank()
+        """The reference bank of a batch of clean reference patches, under the prompt (no guidance)."""
         positive = text.positive()
+        batch = reference_latents.shape[0]
         h, w = reference_latents.shape[-2:]
         time_ids = self.time_ids(h * self.vae_scale_factor, w * self.vae_scale_factor, positive)
-        no_mask = torch.zeros_like(reference_latents[:, :1])
-        t = torch.tensor(timestep, device=reference_latents.device)
-        with bank.record():
-            self.predict_noise(reference_latents, t, no_mask, reference_latents, positive, time_ids,
-                               {"rpa_bank": bank})
-        return bank
+        added = {"text_embeds": positive.pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
+        if positive.image_embeds is not None:
+            added["image_embeds"] = [e.expand(batch, *e.shape[1:]) for e in positive.image_embeds]
+        timestep_cond = positive.timestep_cond.expand(batch, -1) if positive.timestep_cond is not None else None
+        return ReferenceBank.recorded(
+            self.unet, reference_latents, timestep, positive.embeds.expand(batch, -1, -1), added,
+            timestep_cond=timestep_cond, cross_attention_kwargs=getattr(self, "_cross_attention_kwargs", None),
+        )
 
     # ------------------------------------------------------------------ progress
 

@@ -15,6 +15,14 @@ from dataclasses import dataclass
 
 from .validation import LATENT_FACTOR, SettingsError, check_inpaint_numbers, check_integer, check_real
 
+#: Sampler short names (the CLI's --scheduler, `pipe.set_scheduler`) -> diffusers scheduler classes
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 BANK_PLACEMENTS = ("device", "host", "recompute")  # where stage 2 keeps the reference banks (see memory.py)
 
 

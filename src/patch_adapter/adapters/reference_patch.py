@@ -78,6 +78,26 @@ class ReferenceBank:
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.features.values())
 
+    @classmethod
+    @torch.no_grad()
+    def recorded(cls, unet, reference_latents, timestep: int, encoder_hidden_states, added_cond_kwargs,
+                 **unet_kwargs) -> "ReferenceBank":
+        """The bank of clean reference latents (k, 4, h, w): one pass of the frozen UNet at `timestep`.
+
+        The reference is shown as fully known (no mask, its own latents as the masked-image
+        input). Conditioning has one row per reference. The pipeline's stage 2 and the
+        adapter trainer both record through here.
+        """
+        bank = cls()
+        no_mask = torch.zeros_like(reference_latents[:, :1])
+        t = torch.full((reference_latents.shape[0],), timestep, device=reference_latents.device, dtype=torch.long)
+        kwargs = dict(unet_kwargs.pop("cross_attention_kwargs", None) or {})
+        with bank.record():
+            unet(torch.cat([reference_latents, no_mask, reference_latents], dim=1), t,
+                 encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                 cross_attention_kwargs={**kwargs, "rpa_bank": bank}, return_dict=False, **unet_kwargs)
+        return bank
+
 
 def joint_attention(query, key, value, ref_key, ref_value, heads: int, offset=None, attention_mask=None,
                     slice_size=None):

@@ -12,7 +12,7 @@ DEFAULT_UPLOAD_MB = 300
 
 
 def add_serve_parser(subparsers) -> None:
-    from ..cli import ADAPTER_HELP, adapter_argument
+    from ..cli import add_model_options
 
     p = subparsers.add_parser(
         "serve", help="start the local web app (paint a mask, plan, inpaint, compare, download)",
@@ -20,14 +20,7 @@ def add_serve_parser(subparsers) -> None:
                     "run Patch-Adapter or a baseline with live progress, compare and download the full-resolution "
                     "result. Uploads and results live in a temporary folder removed at exit.",
     )
-    p.add_argument("--model", default="tiny", help="'tiny' (built in, offline), a diffusers folder, a single-file "
-                                                   "checkpoint or a hub id (default: tiny)")
-    p.add_argument("--config", default=None, help="for a single-file checkpoint: a diffusers folder with its configs")
-    p.add_argument("--adapter", default=None, type=adapter_argument, help=ADAPTER_HELP)
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu (default: auto)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="weights precision (default: fp16 on cuda, fp32 elsewhere)")
-    p.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves GPU memory)")
+    add_model_options(p, with_scheduler=False)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another value exposes the app "
                         "to the network, without authentication)")
