@@ -5,9 +5,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import box_mask, random_image, seeded
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import box_mask, random_image, seeded
 from patch_adapter.memory import module_bytes
 
 

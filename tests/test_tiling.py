@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patch_adapter.compositing import composite, feather_alpha, latent_mask, resize_mask_any
+from patch_adapter.compositing import composite
+from patch_adapter.masks import feather_alpha, latent_mask, resize_mask_any
 from patch_adapter.planning import make_plan, native_dims
 from patch_adapter.resampling import sample_region
 from patch_adapter.tiling import TileFusion, plan_tiles, tile_starts, tile_window, tiles_touching
@@ -170,7 +171,7 @@ def test_plan_regions_follow_the_masks_not_the_box_around_them():
 
 
 def test_feather_in_a_tight_box_equals_feather_of_the_whole_mask():
-    from patch_adapter.compositing import feather_alpha_at
+    from patch_adapter.masks import feather_alpha_at
 
     mask = np.zeros((120, 160), dtype=bool)
     mask[30:70, 40:100] = True

@@ -49,6 +49,8 @@ __all__ = [
     "load_mask",
     "to_float",
     "from_float",
+    "to_model_range",
+    "from_model_range",
     "save_image",
     "atomic_write",
     "remove_stale_temp_files",
@@ -806,6 +808,19 @@ def from_float(x: np.ndarray, dtype: Any = np.uint8) -> np.ndarray:
     return scaled.astype(target)
 
 
+def to_model_range(x):
+    """Float pixels in [0, 1] -> [-1, 1], the VAE's input range (diffusers' image processor).
+
+    Arrays or tensors alike; the layout (HWC, NCHW) is the caller's.
+    """
+    return x * 2 - 1
+
+
+def from_model_range(x):
+    """The VAE's output in [-1, 1] -> float pixels in [0, 1], clipped (arrays or tensors)."""
+    return (x / 2 + 0.5).clip(0, 1)
+
+
 def _integer_max(dtype: np.dtype) -> int:
     """255 or 65535; other dtypes are a bug in the caller, named in the error."""
     if dtype == np.uint8:
@@ -982,22 +997,30 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(target: Path) -> Iterator[IO[bytes]]:
-    """Yield a file that replaces ``target`` only once completely written and fsynced."""
+def atomic_write(target: PathLike, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Yield a file that replaces ``target`` only once completely written (and fsynced).
+
+    The package's one way to write a file that others read: an interrupted write leaves
+    the old file or none, never half of one. ``durable=False`` skips the fsyncs, for
+    scratch files that need not survive a power loss (the web app's uploads).
+    """
+    target = Path(os.fsdecode(target))
     temp = target.with_name(f".{target.name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp")
     # os.open with 0o666 lets the umask decide permissions, as for a normally created file.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    _fsync_folder(target.parent)
+    if durable:
+        _fsync_folder(target.parent)
 
 
 def remove_stale_temp_files(folder: PathLike, names: Iterable[str]) -> list[Path]:

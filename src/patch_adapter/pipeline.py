@@ -32,16 +32,11 @@ from tqdm.auto import tqdm
 from .adapters import BUNDLED_ADAPTER_FILE, ReferenceBank, install_adapters, load_adapter, save_adapter
 from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype, tiny_weights_dir
-from .compositing import (
-    composite_into,
-    feather_alpha_at,
-    from_unit_float,
-    mask_bbox,
-    resize_mask_any,
-    to_unit_float,
-    with_opaque_alpha,
-)
+from .compositing import composite_into, with_opaque_alpha
 from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
+from .image_io import from_float as from_unit_float  # moved; the body is the integrator's to rename
+from .image_io import to_float as to_unit_float
+from .masks import feather_alpha_at, mask_bbox, resize_mask_any
 from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
 from .planning import METHODS, InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compositing import dilate_mask, latent_mask, mask_bbox
+from .masks import dilate_mask, latent_mask, mask_bbox
 from .tiling import Tile, bounding_tile, group_tiles, plan_tiles, tiles_touching
 
 METHODS = ("patch-adapter", "resize", "crop", "direct", "tiled", "two-stage")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..masks import mask_bbox
 from .scenes import (
     Scene,
     SceneObject,
@@ -67,12 +68,12 @@ class Task:
 
 def task_record(task: Task) -> dict:
     """The task without its arrays, JSON-ready: settings, prompt, mask box and both scenes' truth."""
-    rows, cols = np.flatnonzero(task.mask.any(axis=1)), np.flatnonzero(task.mask.any(axis=0))
+    top, left, bottom, right = mask_bbox(task.mask)
     return {
         "kind": task.kind, "mask_kind": task.mask_kind, "placement": task.placement, "seed": task.seed,
         "native": task.native, "prompt": task.prompt, "caption": scene_truth(task.scene)["caption"],
         "target": object_truth(task.target, task.scene.width, task.scene.height),
-        "mask_box": [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1],
+        "mask_box": [left, top, right, bottom],
         "mask_area": int(task.mask.sum()),
         "scene": scene_truth(task.scene), "truth_scene": scene_truth(task.truth_scene),
     }

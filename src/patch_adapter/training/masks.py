@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..masks import dilate_mask
 from .config import MASK_KINDS
 
 
@@ -140,11 +141,7 @@ def object_mask(rng: np.random.Generator, height: int, width: int, objects: list
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
                                                                                   Image.Resampling.NEAREST)) > 0
         radius = int(rng.integers(0, max(1, min(height, width) // 32) + 1))
-        if radius and mask.any():
-            from PIL import ImageFilter
-
-            grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * radius + 1))
-            mask = np.asarray(grown) > 0
+        mask = dilate_mask(mask, radius)
         if mask.any():
             return mask
     return blob(rng, height, width, scale=rng.uniform(0.15, 0.45))
