@@ -24,7 +24,7 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: the browser test needs chromium: sudo apt-get install chromium (it fails under CI=true)"; fi
 
-# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle errors, import order
+# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle errors, import order, bugbear
 lint:
 	$(PY) -m ruff check src tests benchmarks
 

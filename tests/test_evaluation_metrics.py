@@ -1,6 +1,7 @@
 """Quality metrics: each checked against its definition and against a case whose answer is known."""
 
 import dataclasses
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -66,8 +67,8 @@ def test_psnr_and_ssim_fall_as_noise_grows(removals, index):
         result = fill(task.truth, task.mask, noisy(task.truth, sigma))
         psnrs.append(psnr_in_mask(result, task.truth, task.mask))
         ssims.append(ssim_in_mask(result, task.truth, task.mask))
-    assert all(a > b for a, b in zip(psnrs, psnrs[1:])), psnrs
-    assert all(a > b for a, b in zip(ssims, ssims[1:])), ssims
+    assert all(a > b for a, b in pairwise(psnrs)), psnrs
+    assert all(a > b for a, b in pairwise(ssims)), ssims
     assert 0 < ssims[-1] < 0.5 < ssims[0] < 1
 
 

@@ -1,5 +1,7 @@
 """Tile planning, fusion windows, mask resizing and compositing: pure functions, no model."""
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ def test_tiles_cover_every_position_with_at_least_the_overlap(length, tile, over
     for s in starts:
         covered[s: s + tile] += 1
     assert covered.min() >= 1 and starts[0] == 0 and min(length, starts[-1] + tile) == length
-    for a, b in zip(starts, starts[1:]):
+    for a, b in pairwise(starts):
         assert a + tile - b >= overlap  # neighbours overlap by at least `overlap`
 
 
@@ -150,7 +152,9 @@ def test_tiles_far_apart_form_separate_groups():
     mask[100:102, 20:120] = True  # a line touching several tiles in a row
     tiles = tiles_touching(plan_tiles(mask.shape, 16, 4), mask)
     groups = group_tiles(tiles)
-    key = lambda t: (t.top, t.left)
+    def key(t):
+        return t.top, t.left
+
     assert sorted((t for g in groups for t in g), key=key) == sorted(tiles, key=key)
     assert len(groups) == 3
     for i, a in enumerate(groups):

@@ -246,7 +246,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], stat: Stat, s
     def x(value: float) -> int:
         return int(round(left + (value - low) / (high - low) * width))
 
-    for row, (method, entry) in enumerate(zip(summary, entries)):
+    for row, (method, entry) in enumerate(zip(summary, entries, strict=True)):
         top = y0 + TITLE_HEIGHT + row * ROW_HEIGHT
         middle = top + ROW_HEIGHT // 2
         draw.text((x0 + 4, top + 1), method, fill=(0, 0, 0))

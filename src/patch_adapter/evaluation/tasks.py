@@ -19,6 +19,7 @@ one native-size patch of the backbone in both directions).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -157,7 +158,7 @@ def brush_mask(rng: np.random.Generator, obj: SceneObject, width: int, height: i
         points = [(float(rng.uniform(left, right)), float(rng.uniform(top, bottom)))]
         for _ in range(int(rng.integers(1, 4))):
             points.append((float(rng.uniform(box[0], box[2])), float(rng.uniform(box[1], box[3]))))
-        for a, b in zip(points[:-1], points[1:]):
+        for a, b in pairwise(points):
             strokes |= segment_distance(xs, ys, a, b) < radius
     mask[y0:y1, x0:x1] |= strokes
     return mask

@@ -126,7 +126,7 @@ def blob(rng: np.random.Generator, height: int, width: int, scale: float = 0.5) 
                      for k, (a, b) in enumerate(harmonics))
     radius = np.clip(radius, 0.4, 1.6) * scale * side * rng.uniform(0.4, 1.0)
     points = [(float(cx + r * np.cos(t) * rng.uniform(0.8, 1.25)), float(cy + r * np.sin(t)))
-              for r, t in zip(radius, angles)]
+              for r, t in zip(radius, angles, strict=True)]
     canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).polygon(points, fill=255)
     return np.asarray(canvas) > 0
