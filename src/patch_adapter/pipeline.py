@@ -34,7 +34,7 @@ from .adapters.attention import repeat_to_batch
 from .backbone import load_backbone, native_size, resolve_device, resolve_dtype, tiny_weights_dir
 from .compositing import composite_into, with_opaque_alpha
 from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
-from .image_io import from_float as from_unit_float  # moved; the body is the integrator's to rename
+from .image_io import from_float as from_unit_float  # the old names, until the body uses from_float/to_float
 from .image_io import to_float as to_unit_float
 from .masks import feather_alpha_at, mask_bbox, resize_mask_any
 from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
