@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup browser test test-all bench bench-sdxl bench-train train-tiny retrain-rpa quality clean
+.PHONY: setup browser lint test test-all bench bench-sdxl bench-train train-tiny retrain-rpa quality clean
 
 # .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools,
 # and the browser the web app's test drives
@@ -24,9 +24,13 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: the browser test needs chromium: sudo apt-get install chromium (it fails under CI=true)"; fi
 
+# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle errors, import order, bugbear
+lint:
+	$(PY) -m ruff check src tests benchmarks
+
 # the suite on the tiny backbone, two processes (about 7 minutes on 2 cores; the quality slice
-# takes the most); tests marked slow are left out, `make test-all` runs them (the direct baseline at 4K)
-test:
+# takes the most), after `make lint`; tests marked slow are left out, `make test-all` runs them (the direct baseline at 4K)
+test: lint
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-all:

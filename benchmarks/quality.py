@@ -138,10 +138,11 @@ def append_line(path: Path, data: dict) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    from patch_adapter.image_io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(text)
-    os.replace(partial, path)
+    with atomic_write(path) as f:
+        f.write(text.encode())
 
 
 def describe(settings: dict, count: int) -> str:

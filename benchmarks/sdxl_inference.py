@@ -44,10 +44,10 @@ def device_peak_tflops(name: str) -> float | None:
 
 def build_pipeline(dtype):
     import torch
+    from diffusers import EulerDiscreteScheduler
 
     from patch_adapter import PatchAdapterPipeline
     from patch_adapter.backbone import build_sdxl_components, tiny_tokenizer
-    from diffusers import EulerDiscreteScheduler
 
     torch.manual_seed(0)
     components = build_sdxl_components(dtype, device="cuda")

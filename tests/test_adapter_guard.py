@@ -9,9 +9,7 @@ import torch
 from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import (
     AttnProcessor2_0,
-    FusedAttnProcessor2_0,
     IPAdapterAttnProcessor2_0,
-    SlicedAttnProcessor,
 )
 from safetensors import safe_open
 

@@ -135,7 +135,9 @@ def make_rpa_layer(seed=0):
 
 def joint_sdpa(q, k, v, heads):
     """Plain SDPA of (B, N, D) tensors over `heads` heads: the reference implementation."""
-    split = lambda x: x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+    def split(x):
+        return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
     out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(1, 2).reshape(q.shape)
 
@@ -171,7 +173,9 @@ def test_rpa_with_trained_weights_matches_the_gated_mix():
     bank.features["layer"] = r
     out = attn(z, rpa_bank=bank, rpa_scale=0.5)
 
-    split = lambda x: x.view(x.shape[0], -1, 4, 8).transpose(1, 2)  # (B, h, N, 8)
+    def split(x):
+        return x.view(x.shape[0], -1, 4, 8).transpose(1, 2)  # (B, h, N, 8)
+
     q, k, v = split(attn.to_q(z)), split(attn.to_k(z)), split(attn.to_v(z))
     k_r, v_r = split(proc.to_k_ref(r)).expand(2, -1, -1, -1), split(proc.to_v_ref(r)).expand(2, -1, -1, -1)
     logits, logits_r = q @ k.transpose(-1, -2) / 8 ** 0.5, q @ k_r.transpose(-1, -2) / 8 ** 0.5
@@ -207,8 +211,10 @@ def test_rpa_scale_zero_equals_no_rpa_and_reference_matters(unets):
     assert len(banks[0].features) == len(adapter_processors(adapted, ["rpa"]))
     with torch.no_grad():
         ref = stock(sample, 500, text, added_cond_kwargs=added).sample
-        run = lambda bank, scale: adapted(sample, 500, text, added_cond_kwargs=added,
-                                          cross_attention_kwargs={"rpa_bank": bank, "rpa_scale": scale}).sample
+        def run(bank, scale):
+            return adapted(sample, 500, text, added_cond_kwargs=added,
+                           cross_attention_kwargs={"rpa_bank": bank, "rpa_scale": scale}).sample
+
         off, on_1, on_2 = run(banks[0], 0.0), run(banks[0], 1.0), run(banks[1], 1.0)
     assert (off - ref).abs().max() < 1e-5
     assert (on_1 - ref).abs().max() > 1e-3

@@ -51,7 +51,7 @@ def test_a_list_of_prompts_gives_one_result_each_equal_to_single_calls(pipe, gui
     single = [pipe(prompt="a red star", generator=seeded(1), **kwargs).arrays[0],
               pipe(prompt="a blue circle", generator=seeded(2), **kwargs).arrays[0]]
     assert len(batch) == 2
-    for got, want in zip(batch, single):
+    for got, want in zip(batch, single, strict=True):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
         assert outside_equal(got, image, mask)
     assert not np.array_equal(batch[0], batch[1])  # the second prompt did not replace the first

@@ -16,14 +16,17 @@ from patch_adapter.image_io import (
     ImageInputError,
     LoadedImage,
     MaskSizeError,
+    atomic_write,
     check_image_size,
     from_float,
+    from_model_range,
     load_image,
     load_mask,
     read_image_size,
     read_metadata,
     save_image,
     to_float,
+    to_model_range,
 )
 
 RNG = np.random.default_rng(1234)
@@ -548,6 +551,26 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
 
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, durable):
+    path = tmp_path / "notes.bin"
+    with atomic_write(str(path), durable=durable) as f:  # a str path is accepted too
+        f.write(b"first")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path, durable=durable) as f:
+            f.write(b"half")
+            raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.bin"]
+
+
+def test_model_range_round_trip():
+    x = np.linspace(0, 1, 11, dtype=np.float32)
+    np.testing.assert_allclose(to_model_range(x), x * 2 - 1)
+    np.testing.assert_allclose(from_model_range(to_model_range(x)), x, atol=1e-7)
+    np.testing.assert_array_equal(from_model_range(np.array([-3.0, 3.0])), [0.0, 1.0])  # clipped
 
 
 # --------------------------------------------------------------------------- metadata

@@ -5,9 +5,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import box_mask, random_image, seeded
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import box_mask, random_image, seeded
 from patch_adapter.memory import module_bytes
 
 
@@ -127,7 +127,9 @@ def test_the_budget_picks_the_batch_then_the_placement(pipe, monkeypatch):
     plan = pipe.plan(image, mask, num_inference_steps=4, max_memory=2**40)
     patches = len(plan.tiles)
     assert patches >= 16
-    choose = lambda budget, cap=None: memory.stage2_settings(pipe, plan, budget, cap, device="cuda")[:2]
+    def choose(budget, cap=None):
+        return memory.stage2_settings(pipe, plan, budget, cap, device="cuda")[:2]
+
     assert choose(10**9) == (8, "device")
     assert choose(10**9, cap=2) == (2, "device")
     assert choose(100 + 80 + 50 * patches - 1) == (8, "host")  # not all banks: the batch stays, banks move

@@ -27,7 +27,7 @@ from patch_adapter.tiling import Tile
 def test_benchmark_tasks_are_deterministic_and_extend_by_count():
     first = benchmark_tasks(seed=3, count=6, width=256, height=256, native=128)
     again = benchmark_tasks(seed=3, count=6, width=256, height=256, native=128)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert (a.kind, a.mask_kind, a.placement, a.seed, a.prompt) == \
             (b.kind, b.mask_kind, b.placement, b.seed, b.prompt)
         assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and np.array_equal(a.truth, b.truth)
@@ -39,7 +39,7 @@ def test_benchmark_tasks_are_deterministic_and_extend_by_count():
 def test_benchmark_tasks_pair_kinds_and_cover_mask_kinds_and_placements():
     tasks = benchmark_tasks(seed=0, count=6, width=256, height=256, native=128)
     assert [t.kind for t in tasks] == ["insert", "remove"] * 3
-    for insert, remove in zip(tasks[::2], tasks[1::2]):  # a pair: one scene pair, one mask
+    for insert, remove in zip(tasks[::2], tasks[1::2], strict=True):  # a pair: one scene pair, one mask
         assert insert.seed == remove.seed and np.array_equal(insert.mask, remove.mask)
         assert np.array_equal(insert.truth, remove.image)
     assert {t.mask_kind for t in tasks} == {"object", "box", "brush"}

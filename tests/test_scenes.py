@@ -92,7 +92,7 @@ def test_scene_truth_is_json_and_matches_the_scene():
     assert (truth["width"], truth["height"]) == (640, 480)
     assert truth["background"]["texture"] in TEXTURES and truth["background"]["tint"] in BACKGROUND_TINTS
     image = render_scene(scene)
-    for record, obj in zip(truth["objects"], scene.objects):
+    for record, obj in zip(truth["objects"], scene.objects, strict=True):
         assert record["shape"] == obj.shape and record["rgb"] == list(OBJECT_COLOURS[obj.colour])
         left, top, right, bottom = (int(round(v)) for v in record["box"])
         assert 0 <= left < right <= 640 and 0 <= top < bottom <= 480

@@ -1,14 +1,17 @@
 """Tile planning, fusion windows, mask resizing and compositing: pure functions, no model."""
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from patch_adapter.compositing import composite, feather_alpha, latent_mask, resize_mask_any
+from patch_adapter.compositing import composite
+from patch_adapter.masks import feather_alpha, latent_mask, resize_mask_any
 from patch_adapter.planning import make_plan, native_dims
-from patch_adapter.settings import InpaintSettings
 from patch_adapter.resampling import sample_region
+from patch_adapter.settings import InpaintSettings
 from patch_adapter.tiling import TileFusion, plan_tiles, tile_starts, tile_window, tiles_touching
 
 
@@ -19,7 +22,7 @@ def test_tiles_cover_every_position_with_at_least_the_overlap(length, tile, over
     for s in starts:
         covered[s: s + tile] += 1
     assert covered.min() >= 1 and starts[0] == 0 and min(length, starts[-1] + tile) == length
-    for a, b in zip(starts, starts[1:]):
+    for a, b in pairwise(starts):
         assert a + tile - b >= overlap  # neighbours overlap by at least `overlap`
 
 
@@ -151,7 +154,9 @@ def test_tiles_far_apart_form_separate_groups():
     mask[100:102, 20:120] = True  # a line touching several tiles in a row
     tiles = tiles_touching(plan_tiles(mask.shape, 16, 4), mask)
     groups = group_tiles(tiles)
-    key = lambda t: (t.top, t.left)
+    def key(t):
+        return t.top, t.left
+
     assert sorted((t for g in groups for t in g), key=key) == sorted(tiles, key=key)
     assert len(groups) == 3
     for i, a in enumerate(groups):
@@ -170,7 +175,7 @@ def test_plan_regions_follow_the_masks_not_the_box_around_them():
 
 
 def test_feather_in_a_tight_box_equals_feather_of_the_whole_mask():
-    from patch_adapter.compositing import feather_alpha_at
+    from patch_adapter.masks import feather_alpha_at
 
     mask = np.zeros((120, 160), dtype=bool)
     mask[30:70, 40:100] = True

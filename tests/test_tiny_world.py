@@ -42,8 +42,8 @@ def test_views_are_deterministic_and_their_lessons_are_right():
     read = [detect_object(v.pixels, v.mask) for v in inserts]
     named = [tuple(v.prompt.split()[1:]) for v in inserts]
     assert all(colour in OBJECT_COLOURS and shape in SHAPES for colour, shape in named)
-    right = sum(r == n for r, n in zip(read, named))
-    assert right >= 0.9 * len(inserts), list(zip(read, named))
+    right = sum(r == n for r, n in zip(read, named, strict=True))
+    assert right >= 0.9 * len(inserts), list(zip(read, named, strict=True))
     removes = [v for v in views if v.lesson == "remove"]
     assert all(v.prompt.endswith("background") for v in removes)
     assert all(detect_object(v.pixels, v.mask)[0] is None for v in removes)

@@ -83,7 +83,7 @@ def test_webdataset_tar_shards(tmp_path):
         add_member(tar, "002.png", png_bytes(images[2]))  # no caption
     report = scan_dataset(shards)
     assert [r.caption for r in report.records] == ["a photo of noise", "json caption", None]
-    for record, image in zip(report.records, images):
+    for record, image in zip(report.records, images, strict=True):
         assert np.array_equal(np.asarray(record.open()), image)  # read by seeking into the shard
     assert len(find_records(shards / "train-001.tar").records) == 1  # a single shard works too
 
@@ -157,8 +157,8 @@ def test_stage1_samples_fill_their_bucket_without_stretching(tmp_path):
     covered = np.asarray(image.resize((max(bw, round(image.width * scale)), max(bh, round(image.height * scale))),
                                       PIL.Image.Resampling.LANCZOS))
     pixels = ((sample["pixels"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(int)
-    matches = [np.abs(covered[t:t + bh, l:l + bw].astype(int) - pixels).max() <= 1
-               for t in range(covered.shape[0] - bh + 1) for l in range(covered.shape[1] - bw + 1)]
+    matches = [np.abs(covered[top:top + bh, left:left + bw].astype(int) - pixels).max() <= 1
+               for top in range(covered.shape[0] - bh + 1) for left in range(covered.shape[1] - bw + 1)]
     assert any(matches)
 
 
@@ -242,6 +242,6 @@ def test_batch_stream_resumes_exactly_and_shards_processes():
     # gives each 3: the odd one out is dropped so that both finish the epoch together)
     p0 = list(islice(BatchStream(groups, 2, seed=3, num_processes=2, process_index=0), 3))
     p1 = list(islice(BatchStream(groups, 2, seed=3, num_processes=2, process_index=1), 3))
-    assert [b for pair in zip(p0, p1) for b in pair] == whole[:6]
+    assert [b for pair in zip(p0, p1, strict=True) for b in pair] == whole[:6]
     for batch in whole:
         assert len({bucket for _, _, bucket in batch}) == 1  # one bucket per batch

@@ -128,7 +128,9 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         # a stroke from the yellow disc towards the middle, with the mouse
         box = page.locator("#view").bounding_box()
         view = page.evaluate("() => S.view")
-        to_screen = lambda x, y: (box["x"] + view["ox"] + x * view["scale"], box["y"] + view["oy"] + y * view["scale"])
+        def to_screen(x, y):
+            return box["x"] + view["ox"] + x * view["scale"], box["y"] + view["oy"] + y * view["scale"]
+
         start, end = (650, 500), (1050, 760)
         page.mouse.move(*to_screen(*start))
         page.mouse.down()

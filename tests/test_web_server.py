@@ -6,10 +6,9 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
-from conftest import random_image
 from starlette.testclient import TestClient  # needs httpx (the test extra)
 
+from conftest import random_image
 from patch_adapter.web.jobs import parse_settings, plan_for
 from patch_adapter.web.server import WebState, create_app, expand_grid, reduce_to_grid
 

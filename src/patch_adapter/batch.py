@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .validation import check_integer
 from .image_io import (
     SUPPORTED_EXTENSIONS,
     ImageInputError,
@@ -32,6 +31,7 @@ from .image_io import (
     read_metadata,
     remove_stale_temp_files,
 )
+from .validation import check_integer
 
 REPORT_NAME = "batch_report.jsonl"
 PATH_COLUMNS = ("image", "mask", "output")
@@ -371,8 +371,8 @@ def sort_out(items: list[Item], args, state) -> tuple[list[Item], list[tuple[Ite
         found = [None if args.overwrite else existing_outputs(item) for item in items]
     if state.num_processes > 1:
         found = broadcast_object_list([found])[0]
-    pending = [item for item, differing in zip(items, found) if differing is None]
-    skipped = [(item, differing) for item, differing in zip(items, found) if differing is not None]
+    pending = [item for item, differing in zip(items, found, strict=True) if differing is None]
+    skipped = [(item, differing) for item, differing in zip(items, found, strict=True) if differing is not None]
     return pending, skipped
 
 

@@ -27,8 +27,8 @@ from .backbone import BackboneLoadError
 from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
 from .settings import BANK_PLACEMENTS, METHODS, SCHEDULERS, InpaintSettings
-from .validation import SettingsError, check_device, validate_inpaint_args
 from .training.commands import add_data_parser, add_train_parser
+from .validation import SettingsError, check_device, validate_inpaint_args
 from .web import add_serve_parser
 
 USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
@@ -272,7 +272,7 @@ def output_metadata(args, pipe, result) -> dict:
 
 def save_results(paths, result, metadata, loaded, protect, overwrite_input) -> None:
     """Write each result atomically, in the input's bit depth where the format holds it, never over an input."""
-    for index, (path, pixels) in enumerate(zip(paths, result.arrays)):
+    for index, (path, pixels) in enumerate(zip(paths, result.arrays, strict=True)):
         if pixels.dtype == np.uint16 and path.suffix.lower() in EIGHT_BIT_SUFFIXES:  # --allow-lossy
             print(f"note: {path.suffix} holds 8 bits; the 16-bit result is written as 8-bit "
                   f"(use .png or .tif to keep 16 bits)", file=sys.stderr)

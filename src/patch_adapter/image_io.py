@@ -49,6 +49,8 @@ __all__ = [
     "load_mask",
     "to_float",
     "from_float",
+    "to_model_range",
+    "from_model_range",
     "save_image",
     "atomic_write",
     "remove_stale_temp_files",
@@ -785,7 +787,9 @@ def _check_mask_size(mask: np.ndarray, image: LoadedImage) -> None:
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:
-    """uint8/uint16 -> float32 in [0, 1], the pipeline's working representation."""
+    """uint8/uint16 -> float32 in [0, 1], the pipeline's working representation (float32 is copied as it is)."""
+    if pixels.dtype == np.float32:  # float inputs (diffusers takes them) stay float, exactly
+        return pixels.copy()
     max_value = _integer_max(pixels.dtype)
     out = pixels.astype(np.float32)
     out /= max_value
@@ -793,8 +797,12 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
 
 
 def from_float(x: np.ndarray, dtype: Any = np.uint8) -> np.ndarray:
-    """float in [0, 1] -> uint8/uint16, clipped and rounded half to even (``np.rint``)."""
+    """float in [0, 1] -> uint8/uint16, clipped and rounded half to even (``np.rint``); float32: clipped only."""
     target = np.dtype(dtype)
+    if target == np.float32:
+        if np.isnan(x).any():
+            raise ValueError("pixels contain NaN; the pipeline produced invalid values upstream")
+        return np.clip(np.asarray(x, dtype=np.float32), 0, 1)
     max_value = _integer_max(target)
     x = np.asarray(x)
     work_dtype = np.float64 if x.dtype == np.float64 else np.float32
@@ -804,6 +812,19 @@ def from_float(x: np.ndarray, dtype: Any = np.uint8) -> np.ndarray:
     np.rint(scaled, out=scaled)
     np.clip(scaled, 0, max_value, out=scaled)
     return scaled.astype(target)
+
+
+def to_model_range(x):
+    """Float pixels in [0, 1] -> [-1, 1], the VAE's input range (diffusers' image processor).
+
+    Arrays or tensors alike; the layout (HWC, NCHW) is the caller's.
+    """
+    return x * 2 - 1
+
+
+def from_model_range(x):
+    """The VAE's output in [-1, 1] -> float pixels in [0, 1], clipped (arrays or tensors)."""
+    return (x / 2 + 0.5).clip(0, 1)
 
 
 def _integer_max(dtype: np.dtype) -> int:
@@ -982,22 +1003,30 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(target: Path) -> Iterator[IO[bytes]]:
-    """Yield a file that replaces ``target`` only once completely written and fsynced."""
+def atomic_write(target: PathLike, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Yield a file that replaces ``target`` only once completely written (and fsynced).
+
+    The package's one way to write a file that others read: an interrupted write leaves
+    the old file or none, never half of one. ``durable=False`` skips the fsyncs, for
+    scratch files that need not survive a power loss (the web app's uploads).
+    """
+    target = Path(os.fsdecode(target))
     temp = target.with_name(f".{target.name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp")
     # os.open with 0o666 lets the umask decide permissions, as for a normally created file.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    _fsync_folder(target.parent)
+    if durable:
+        _fsync_folder(target.parent)
 
 
 def remove_stale_temp_files(folder: PathLike, names: Iterable[str]) -> list[Path]:

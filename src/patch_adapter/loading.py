@@ -48,7 +48,6 @@ from .backbone import (
 )
 from .settings import SCHEDULERS
 
-
 STOCK_CLASS_NAME = "StableDiffusionXLInpaintPipeline"
 """The `_class_name` a saved folder gets: what diffusers' generic loaders can build from it."""
 

@@ -29,7 +29,6 @@ from torch.utils._pytree import tree_flatten
 # host, each batch's moved over per UNet call (accelerators only); or none, each batch's
 # recorded again per call (bounded memory anywhere, one extra conditional UNet forward per
 # patch and step).
-from .settings import BANK_PLACEMENTS
 
 MAX_AUTO_PATCH_BATCH = 8
 """The largest patch batch chosen automatically: beyond it a GPU gains little speed."""
@@ -125,7 +124,9 @@ class MemoryEstimate:
         return self.weights + max(self.stage1, self.stage2_encode, self.stage2_denoise, self.stage2_decode)
 
     def describe(self) -> str:
-        mib = lambda n: f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+        def mib(n: int) -> str:
+            return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
         return (
             f"memory estimate on {self.device} ({self.dtype}): peak {mib(self.peak)} = weights {mib(self.weights)} "
             f"+ the largest phase (stage 1 {mib(self.stage1)}; stage 2: encode {mib(self.stage2_encode)}, "
@@ -152,7 +153,7 @@ class PhaseTracer:
         self.text_dim = pipe.unet.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
         self.dtype = pipe.unet.dtype
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - tracers live for the process anyway (_TRACERS)
     def unet_call(self, patches: int, halves: int, height: int, width: int, bank: bool) -> tuple[int, int]:
         """(working bytes of one UNet call, bank bytes of its reference patches) at a latent size.
 
@@ -184,7 +185,7 @@ class PhaseTracer:
                            ignore=list(reference.features.values()))
         return peak, reference.nbytes()
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - as unet_call
     def vae_call(self, height: int, width: int, decode: bool) -> int:
         """Working bytes of a VAE encode or decode at a latent size (tiled above native, as the pipeline does).
 

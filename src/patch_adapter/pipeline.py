@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionXLInpaintPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import (
@@ -34,20 +33,22 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .adapters import ReferenceBank, install_adapters
-from .adapters.guard import AdapterGuardMixin
 from .adapters.attention import repeat_to_batch
+from .adapters.guard import AdapterGuardMixin
 from .backbone import native_size
-from .compositing import (
-    composite_into,
-    feather_alpha_at,
-    from_unit_float,
-    mask_bbox,
-    resize_mask_any,
-    to_unit_float,
-    with_opaque_alpha,
+from .compositing import composite_into, with_opaque_alpha
+from .image_io import (
+    LoadedImage,
+    from_float,
+    from_model_range,
+    load_image,
+    load_mask,
+    loaded_from_pil,
+    to_float,
+    to_model_range,
 )
-from .image_io import LoadedImage, load_image, load_mask, loaded_from_pil
 from .loading import PatchAdapterLoadingMixin
+from .masks import feather_alpha_at, latent_mask_tensor, mask_bbox, resize_mask_any
 from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
 from .planning import InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
@@ -135,7 +136,7 @@ def as_loaded_image(image) -> LoadedImage:
                              f"{image.dtype}; pass a batch as a list or a (N, C, H, W) tensor")
         pixels = image.detach().float().cpu()
         if pixels.min() < 0:
-            pixels = (pixels / 2 + 0.5).clamp(0, 1)  # diffusers' [-1, 1] convention
+            pixels = from_model_range(pixels)  # diffusers' [-1, 1] convention
         image = pixels.permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         if image.ndim == 4 and image.shape[0] == 1:
@@ -179,9 +180,9 @@ def as_mask_source(mask):
     return mask
 
 
-def to_model_range(pixels: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] -> (1, 3, H, W) in [-1, 1], as diffusers' image processor does."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None] * 2.0 - 1.0
+def model_input(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] -> (1, 3, H, W) in [-1, 1], as diffusers' image processor gives the VAE."""
+    return to_model_range(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None])
 
 
 def pad_to_multiple(pixels: np.ndarray, mask: np.ndarray, height: int, width: int):
@@ -383,12 +384,12 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             raise ValueError(f"{prompts} prompts for a batch of {count} images: give one prompt, or one per image")
         loaded = [as_loaded_image(item) for item in images]
         masks = [load_mask(as_mask_source(m), item, threshold=settings.mask_threshold)
-                 for m, item in zip(masks, loaded)]
+                 for m, item in zip(masks, loaded, strict=True)]
         for item in loaded:
             check_output_size(item, height, width)
         for mask in masks:
             check_feather(mask, settings.mask_feather)
-        plans = [self._plan(settings, item, mask) for item, mask in zip(loaded, masks)]
+        plans = [self._plan(settings, item, mask) for item, mask in zip(loaded, masks, strict=True)]
         generators = per_image_generators(generator, count * num_images_per_prompt)
         start_latents = per_image_latents(latents, plans, num_images_per_prompt, self.vae.config.latent_channels)
 
@@ -416,7 +417,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
 
         # 4. Run the method, once per prompt and requested image; composite inside the mask only
         arrays = []
-        for index, (item, mask, plan, cond) in enumerate(zip(loaded, masks, plans, conditionings)):
+        for index, (item, mask, plan, cond) in enumerate(zip(loaded, masks, plans, conditionings, strict=True)):
             for copy in range(num_images_per_prompt):
                 number = index * num_images_per_prompt + copy
                 result = item.channels.copy()  # colour, and alpha last when the image has it
@@ -501,9 +502,9 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
     def postprocess_results(self, arrays, output_type):
         """The results as `output_type` asks: PIL images, or float in [0, 1] stacked when the sizes agree."""
         if output_type == "pil":
-            return [PIL.Image.fromarray(a if a.dtype == np.uint8 else from_unit_float(to_unit_float(a), np.uint8))
+            return [PIL.Image.fromarray(a if a.dtype == np.uint8 else from_float(to_float(a), np.uint8))
                     for a in arrays]
-        floats = [to_unit_float(a) for a in arrays]
+        floats = [to_float(a) for a in arrays]
         same = len({a.shape for a in floats}) == 1
         if output_type == "np":
             return np.stack(floats) if same else floats
@@ -529,7 +530,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             m_top, m_left, m_bottom, m_right = mask_bbox(box_mask)
             fill_box = (top + m_top, left + m_left, top + m_bottom, left + m_right)
             if size == padded_dims(right - left, bottom - top):
-                fill = self._inpaint_padded(to_unit_float(box_pixels), box_mask, run, dca_scale, whole)
+                fill = self._inpaint_padded(to_float(box_pixels), box_mask, run, dca_scale, whole)
                 return [(fill[m_top:m_bottom, m_left:m_right], fill_box)]
             low = self._stage1_at(box_pixels, box_mask, size, run, dca_scale, whole)
             fill = sample_region(low, (bottom - top, right - left), (m_top, m_left, m_bottom, m_right))
@@ -706,7 +707,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             else:
                 latents = latents / cfg.scaling_factor
             image = self.vae.decode(latents, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return from_model_range(image.float())
 
     def encode(self, image) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> scaled latents, the distribution's mode (no noise)."""
@@ -759,7 +760,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         settings, text, generator = run.settings, run.conditioning, run.generator
         height, width = mask.shape
         dtype = text.embeds.dtype
-        image = to_model_range(pixels).float()
+        image = model_input(pixels).float()
         mask_t = torch.from_numpy(mask.astype(np.float32))[None, None]
 
         # timesteps, shortened by strength
@@ -809,19 +810,19 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         box = (top, left, min(bottom, height), min(width, right))
 
         # region pixels (padded to the latent grid), masked image, reference
-        original = to_unit_float(pixels[box[0]:box[2], box[1]:box[3]])
+        original = to_float(pixels[box[0]:box[2], box[1]:box[3]])
         region_mask = gen_mask[box[0]:box[2], box[1]:box[3]]
         original, region_mask = pad_to_multiple(original, region_mask, bottom - top, right - left)
         mask_t = torch.from_numpy(region_mask.astype(np.float32))[None, None]
-        original_t = to_model_range(original)
+        original_t = model_input(original)
         if reference is not None:
             upsampled = sample_region(reference, (height, width), (top, left, bottom, right))
-            reference_t = torch.where(mask_t > 0, to_model_range(upsampled), original_t)
+            reference_t = torch.where(mask_t > 0, model_input(upsampled), original_t)
         else:
             reference_t = original_t
         base_latents = self.encode(reference_t)  # (1, 4, H/8, W/8)
         masked_latents = self.encode(original_t * (mask_t < 0.5))
-        mask_latents = F.max_pool2d(mask_t, factor).to(device, base_latents.dtype)  # any coverage
+        mask_latents = latent_mask_tensor(mask_t, factor).to(device, base_latents.dtype)  # any coverage
         del original, original_t, reference_t  # the region's pixels are not needed while denoising
 
         # start latents: the reference noised to `strength` (SDEdit), pure noise at 1.0

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compositing import dilate_mask, latent_mask, mask_bbox
+from .masks import dilate_mask, latent_mask, mask_bbox
 from .settings import METHODS, InpaintSettings
 from .tiling import Tile, bounding_tile, group_tiles, plan_tiles, tiles_touching
 from .validation import LATENT_FACTOR
@@ -122,7 +122,7 @@ class InpaintPlan:
                 f"{self.stage2_steps} steps each, {self.reference_passes} reference passes"
             )
             index = 0
-            for group, r in zip(self.groups, self.regions):
+            for group, r in zip(self.groups, self.regions, strict=True):
                 lines.append(
                     f"patch region: top={r.top * px}, left={r.left * px}, {r.width * px}x{r.height * px} px, "
                     f"{len(group)} patches"

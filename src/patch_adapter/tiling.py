@@ -131,7 +131,7 @@ class TileFusion:
 
     def __post_init__(self):
         self.weight = torch.zeros(self.shape[-2:], dtype=torch.float32)
-        for tile, window in zip(self.tiles, self.windows):
+        for tile, window in zip(self.tiles, self.windows, strict=True):
             self.weight[tile.slices] += window
         self.covered = self.weight > 0
 
@@ -142,7 +142,7 @@ class TileFusion:
     def fuse(self, predictions: list[torch.Tensor]) -> torch.Tensor:
         """predictions[i] (B, C, h_i, w_i) for tile i -> (B, C, H, W); zero where no tile is."""
         fused = self.start(predictions[0].device)
-        for tile, pred in zip(self.tiles, predictions):
+        for tile, pred in zip(self.tiles, predictions, strict=True):
             fused.add([tile], pred)
         return fused.result(predictions[0].dtype)
 
@@ -155,11 +155,11 @@ class FusionSum:
     total: torch.Tensor
 
     def __post_init__(self):
-        self.windows = dict(zip(self.fusion.tiles, self.fusion.windows))
+        self.windows = dict(zip(self.fusion.tiles, self.fusion.windows, strict=True))
 
     def add(self, tiles: list[Tile], predictions: torch.Tensor) -> None:
         """predictions (k, C, h, w): one item per tile, in order."""
-        for tile, pred in zip(tiles, predictions.split(1)):
+        for tile, pred in zip(tiles, predictions.split(1), strict=True):
             self.total[(..., *tile.slices)] += pred.float() * self.windows[tile].to(self.total.device)
 
     def result(self, dtype) -> torch.Tensor:

@@ -108,7 +108,7 @@ def check_feather(mask: np.ndarray, feather: int) -> None:
     The feather ramp starts ``feather`` px inside the mask's edge, so a feather of half the
     mask's narrowest width or more erases the fill entirely.
     """
-    from .compositing import feather_alpha_at, mask_bbox
+    from .masks import feather_alpha_at, mask_bbox
 
     box = mask_bbox(mask)
     if feather <= 0 or box is None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..masks import latent_mask_tensor
 from .attention import AttentionCall, multihead_attention, repeat_to_batch
 
 IP_ADAPTER_CLASSES = ("IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0", "IPAdapterXFormersAttnProcessor")
@@ -63,14 +63,14 @@ def add_ip_adapter(ip, attn, z, query, ip_states, masks=None, slice_size=None):
             masks = list(masks.unsqueeze(1))  # diffusers' older layout: (num_ip_adapters, 1, H, W)
         if len(masks) != len(ip.scale):
             raise ValueError(f"ip_adapter_masks has {len(masks)} masks for {len(ip.scale)} IP-Adapters")
-        for index, (mask, state) in enumerate(zip(masks, ip_states)):
+        for index, (mask, state) in enumerate(zip(masks, ip_states, strict=True)):
             if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 4
                                      or mask.shape[1] != state.shape[1]):
                 raise ValueError(f"ip_adapter_masks[{index}] must be a (1, num_images, H, W) tensor with one mask "
                                  "per image of that IP-Adapter; use diffusers' IPAdapterMaskProcessor")
     else:
         masks = [None] * len(ip.scale)
-    for state, scale, to_k_ip, to_v_ip, mask in zip(ip_states, ip.scale, ip.to_k_ip, ip.to_v_ip, masks):
+    for state, scale, to_k_ip, to_v_ip, mask in zip(ip_states, ip.scale, ip.to_k_ip, ip.to_v_ip, masks, strict=True):
         if (all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0):
             continue
         if mask is None:
@@ -103,7 +103,7 @@ def token_mask(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if -(-height // factor) * -(-width // factor) != num_tokens:
         raise ValueError(f"a mask of {height}x{width} latents does not fit a layer with {num_tokens} tokens")
     if factor > 1:
-        mask = F.max_pool2d(mask, kernel_size=factor, stride=factor, ceil_mode=True)
+        mask = latent_mask_tensor(mask, factor)
     return mask.flatten(2).transpose(1, 2)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..backbone import backbone_identity
+from ..image_io import atomic_write
 from .dual_context import DualContextAttnProcessor, is_ip_adapter_processor
 from .reference_patch import ReferencePatchAttnProcessor
 
@@ -144,7 +143,7 @@ def manifest(unet, state: dict, kinds, backbone_name: str | None = None) -> dict
 
 def save_adapter(path, unet, kinds=ADAPTER_KINDS, backbone_name: str | None = None, dtype=None) -> Path:
     """Write the adapters' weights (and manifest) atomically to a .safetensors file."""
-    from safetensors.torch import save_file
+    import safetensors.torch
 
     path = Path(path)
     kinds = tuple(kinds)
@@ -153,14 +152,8 @@ def save_adapter(path, unet, kinds=ADAPTER_KINDS, backbone_name: str | None = No
         raise ValueError("the UNet has no Patch-Adapter processors installed; call install_adapters(unet) first")
     meta = {key: json.dumps(value) for key, value in manifest(unet, state, kinds, backbone_name).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        f.write(safetensors.torch.save(state, metadata=meta))
     return path
 
 

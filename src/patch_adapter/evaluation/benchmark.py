@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from ..settings import METHODS as PIPELINE_METHODS
 from ..settings import InpaintSettings
-from ..validation import LATENT_FACTOR
 from ..tiling import Tile
+from ..validation import LATENT_FACTOR
 from .scoring import score_result
 from .tasks import MASK_KINDS, PLACEMENTS, TASK_KINDS, Task, make_task, task_record
 
@@ -243,7 +243,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], stat: Stat, s
     def x(value: float) -> int:
         return int(round(left + (value - low) / (high - low) * width))
 
-    for row, (method, entry) in enumerate(zip(summary, entries)):
+    for row, (method, entry) in enumerate(zip(summary, entries, strict=True)):
         top = y0 + TITLE_HEIGHT + row * ROW_HEIGHT
         middle = top + ROW_HEIGHT // 2
         draw.text((x0 + 4, top + 1), method, fill=(0, 0, 0))

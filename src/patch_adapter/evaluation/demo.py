@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..image_io import save_image
+from ..masks import mask_bbox
 from .scoring import score_result
 from .tasks import make_task
 
@@ -24,11 +25,11 @@ LABEL_HEIGHT = 18
 
 def zoom_box(mask: np.ndarray, side: int) -> tuple[int, int, int, int]:
     """A side x side window (top, left, bottom, right) centred on the mask, inside the image."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    m_top, m_left, m_bottom, m_right = mask_bbox(mask)
     height, width = mask.shape
     side = min(side, height, width)
-    top = int(np.clip((rows[0] + rows[-1]) // 2 - side // 2, 0, height - side))
-    left = int(np.clip((cols[0] + cols[-1]) // 2 - side // 2, 0, width - side))
+    top = int(np.clip((m_top + m_bottom - 1) // 2 - side // 2, 0, height - side))
+    left = int(np.clip((m_left + m_right - 1) // 2 - side // 2, 0, width - side))
     return top, left, top + side, left + side
 
 

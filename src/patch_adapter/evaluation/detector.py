@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..masks import mask_bbox
 from .scenes import OBJECT_COLOURS, SHAPES, coverage_from_distance, shape_signed_distance
 
 TEMPLATE_SIZE = 32          # side of the shape templates, pixels
@@ -88,10 +89,11 @@ def shape_scores(coverage: np.ndarray) -> dict[str, float]:
 
     The bounding box is that of the pixels at least half covered; empty coverage scores 0.
     """
-    rows, cols = np.flatnonzero((coverage >= 0.5).any(axis=1)), np.flatnonzero((coverage >= 0.5).any(axis=0))
-    if rows.size == 0:
+    box = mask_bbox(coverage >= 0.5)
+    if box is None:
         return {shape: 0.0 for shape in SHAPES}
-    crop = coverage[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    top, left, bottom, right = box
+    crop = coverage[top:bottom, left:right]
     fitted = area_weights(crop.shape[0], TEMPLATE_SIZE) @ crop @ area_weights(crop.shape[1], TEMPLATE_SIZE).T
     scores = {}
     for shape in SHAPES:
@@ -105,10 +107,11 @@ def detect_object(image: np.ndarray, mask: np.ndarray) -> tuple[str | None, str 
 
     image: (H, W, 3) uint8; mask: (H, W) bool. Only the mask's bounding box is read.
     """
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    box = mask_bbox(mask)
+    if box is None:
         return None, None
-    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    top, left, bottom, right = box
+    window = (slice(top, bottom), slice(left, right))
     inside = mask[window]
     window_chroma = chroma(image[window])
     background = background_chroma(window_chroma[inside])

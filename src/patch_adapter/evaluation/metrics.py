@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..masks import dilate_mask, grow_box, mask_bbox
+
 
 def _as_float(image: np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
@@ -38,12 +40,11 @@ def _as_float(image: np.ndarray) -> np.ndarray:
 
 def mask_window(mask: np.ndarray, reach: int = 0) -> tuple[slice, slice] | None:
     """Slices of the mask's bounding box grown by `reach` (clipped to the picture); None if empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    box = mask_bbox(mask)
+    if box is None:
         return None
-    height, width = mask.shape
-    return (slice(max(0, rows[0] - reach), min(height, rows[-1] + 1 + reach)),
-            slice(max(0, cols[0] - reach), min(width, cols[-1] + 1 + reach)))
+    top, left, bottom, right = grow_box(box, reach, mask.shape)
+    return slice(top, bottom), slice(left, right)
 
 
 # --- fidelity ------------------------------------------------------------------------
@@ -175,11 +176,6 @@ def box_count(binary: np.ndarray, radius: int) -> np.ndarray:
     return box_sums(np.pad(binary.astype(np.float64), radius), size, size)
 
 
-def dilate(binary: np.ndarray, radius: int) -> np.ndarray:
-    """Square (Chebyshev) dilation by `radius` pixels."""
-    return box_count(binary, radius) > 0.5 if radius > 0 else binary.astype(bool)
-
-
 def pair_pixels(across_x: np.ndarray, across_y: np.ndarray) -> np.ndarray:
     """(H, W) bool: the pixels that belong to any of the given pairs."""
     pixels = np.zeros((across_x.shape[0], across_y.shape[1]), dtype=bool)
@@ -239,7 +235,7 @@ def seam_strength(image: np.ndarray, mask: np.ndarray, scale: int = 3, margin: i
         return float("nan")
     inside = mask[window]
     across_x, across_y = mask_border_pairs(inside)
-    reference = dilate(inside, context) & ~dilate(inside, margin)
+    reference = dilate_mask(inside, context) & ~dilate_mask(inside, margin)
     return boundary_strength(image[window], across_x, across_y, reference, scale, floor=FLOOR * data_range / 255.0)
 
 
@@ -254,13 +250,13 @@ def tile_seam_strength(image: np.ndarray, rows: tuple[int, ...] | list[int], col
     """
     across_x, across_y = tile_border_pairs(image.shape[:2], rows, cols, mask)
     if mask is None:
-        reference = ~dilate(pair_pixels(across_x, across_y), margin)
+        reference = ~dilate_mask(pair_pixels(across_x, across_y), margin)
         return boundary_strength(image, across_x, across_y, reference, scale, floor=FLOOR * data_range / 255.0)
     window = mask_window(mask, reach=context + scale + 1)
     if window is None:
         return float("nan")
     inside = mask[window]
-    reference = dilate(inside, context) & ~dilate(inside, margin)
+    reference = dilate_mask(inside, context) & ~dilate_mask(inside, margin)
     return boundary_strength(image[window], across_x[window[0], window[1].start:window[1].stop - 1],
                              across_y[window[0].start:window[0].stop - 1, window[1]], reference, scale,
                              floor=FLOOR * data_range / 255.0)
@@ -294,8 +290,8 @@ def sharpness_ratio(image: np.ndarray, mask: np.ndarray, ring: int = 16) -> floa
     energy = laplacian(image[window]) ** 2
     frame = np.zeros_like(inside)
     frame[1:-1, 1:-1] = True  # the Laplacian is only defined off the window's frame
-    core = ~dilate(~inside, 1) & frame
-    band = dilate(inside, ring) & ~dilate(inside, 1) & frame
+    core = ~dilate_mask(~inside, 1) & frame
+    band = dilate_mask(inside, ring) & ~dilate_mask(inside, 1) & frame
     if not core.any() or not band.any():
         return float("nan")
     fill, around = float(energy[core].mean()), float(energy[band].mean())

@@ -132,7 +132,7 @@ def polygon_signed_distance(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray
     """
     nearest = None
     inside = np.zeros(np.broadcast_shapes(xs.shape, ys.shape), dtype=bool)
-    for (ax, ay), (bx, by) in zip(vertices.tolist(), np.roll(vertices, 1, axis=0).tolist()):
+    for (ax, ay), (bx, by) in zip(vertices.tolist(), np.roll(vertices, 1, axis=0).tolist(), strict=True):
         d = segment_distance(xs, ys, (ax, ay), (bx, by))
         nearest = d if nearest is None else np.minimum(nearest, d)
         if ay != by:

@@ -19,9 +19,11 @@ one native-size patch of the backbone in both directions).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
+from ..masks import mask_bbox
 from .scenes import (
     Scene,
     SceneObject,
@@ -67,12 +69,12 @@ class Task:
 
 def task_record(task: Task) -> dict:
     """The task without its arrays, JSON-ready: settings, prompt, mask box and both scenes' truth."""
-    rows, cols = np.flatnonzero(task.mask.any(axis=1)), np.flatnonzero(task.mask.any(axis=0))
+    top, left, bottom, right = mask_bbox(task.mask)
     return {
         "kind": task.kind, "mask_kind": task.mask_kind, "placement": task.placement, "seed": task.seed,
         "native": task.native, "prompt": task.prompt, "caption": scene_truth(task.scene)["caption"],
         "target": object_truth(task.target, task.scene.width, task.scene.height),
-        "mask_box": [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1],
+        "mask_box": [left, top, right, bottom],
         "mask_area": int(task.mask.sum()),
         "scene": scene_truth(task.scene), "truth_scene": scene_truth(task.truth_scene),
     }
@@ -156,7 +158,7 @@ def brush_mask(rng: np.random.Generator, obj: SceneObject, width: int, height: i
         points = [(float(rng.uniform(left, right)), float(rng.uniform(top, bottom)))]
         for _ in range(int(rng.integers(1, 4))):
             points.append((float(rng.uniform(box[0], box[2])), float(rng.uniform(box[1], box[3]))))
-        for a, b in zip(points[:-1], points[1:]):
+        for a, b in pairwise(points):
             strokes |= segment_distance(xs, ys, a, b) < radius
     mask[y0:y1, x0:x1] |= strokes
     return mask

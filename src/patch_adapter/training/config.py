@@ -133,9 +133,12 @@ class TrainConfig:
         """Write the resolved config as YAML (readable back with `load_config`)."""
         import yaml
 
+        from ..image_io import atomic_write
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        with atomic_write(path) as f:
+            f.write(yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
         return path
 
 

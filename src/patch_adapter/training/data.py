@@ -37,6 +37,7 @@ import PIL.Image
 import torch
 from PIL import ImageOps
 
+from ..image_io import to_float, to_model_range
 from ..planning import native_dims
 from .masks import random_mask
 
@@ -417,8 +418,8 @@ def synthesize_reference(image: np.ndarray, box: tuple, native: int, rng: np.ran
 def _to_model(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) float [0, 1] or uint8 -> (3, H, W) float32 in [-1, 1]."""
     if pixels.dtype == np.uint8:
-        pixels = pixels.astype(np.float32) / 255
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() * 2 - 1
+        pixels = to_float(pixels)
+    return to_model_range(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float())
 
 
 class TrainingData(torch.utils.data.Dataset):
@@ -509,7 +510,7 @@ class TrainingData(torch.utils.data.Dataset):
         objects = [m[top:top + n, left:left + n] for m in objects]
         reference = synthesize_reference(full, (top, left, top + n, left + n), n, rng, self.config)
         crop, mask, reference = self._masks_and_flip(crop, objects, rng, reference)
-        original = crop.astype(np.float32) / 255
+        original = to_float(crop)
         reference = np.where(mask[..., None], reference, original)  # the original outside the mask, as at inference
         return {"pixels": _to_model(original), "mask": torch.from_numpy(mask.astype(np.float32)[None].copy()),
                 "reference": _to_model(reference)}

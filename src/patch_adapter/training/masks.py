@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..masks import dilate_mask
 from .config import MASK_KINDS
 
 
@@ -125,7 +126,7 @@ def blob(rng: np.random.Generator, height: int, width: int, scale: float = 0.5) 
                      for k, (a, b) in enumerate(harmonics))
     radius = np.clip(radius, 0.4, 1.6) * scale * side * rng.uniform(0.4, 1.0)
     points = [(float(cx + r * np.cos(t) * rng.uniform(0.8, 1.25)), float(cy + r * np.sin(t)))
-              for r, t in zip(radius, angles)]
+              for r, t in zip(radius, angles, strict=True)]
     canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).polygon(points, fill=255)
     return np.asarray(canvas) > 0
@@ -140,11 +141,7 @@ def object_mask(rng: np.random.Generator, height: int, width: int, objects: list
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
                                                                                   Image.Resampling.NEAREST)) > 0
         radius = int(rng.integers(0, max(1, min(height, width) // 32) + 1))
-        if radius and mask.any():
-            from PIL import ImageFilter
-
-            grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * radius + 1))
-            mask = np.asarray(grown) > 0
+        mask = dilate_mask(mask, radius)
         if mask.any():
             return mask
     return blob(rng, height, width, scale=rng.uniform(0.15, 0.45))

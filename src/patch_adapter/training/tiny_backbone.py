@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +302,7 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
 
     from ..adapters import BUNDLED_ADAPTER_FILE, install_adapters, save_adapter
     from ..backbone import load_backbone
+    from ..image_io import atomic_write
 
     work, output = Path(recipe.work), Path(recipe.output)
     backbone = work / "backbone"
@@ -321,9 +321,8 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
         save_adapter(target, unet, kinds=(kind,), backbone_name="tiny")
         log(f"kept the shipped {kind} in {target}")
     path = train_adapters(recipe, backbone)
-    staging = output / (BUNDLED_ADAPTER_FILE + ".partial")
-    shutil.copy2(path, staging)
-    os.replace(staging, output / BUNDLED_ADAPTER_FILE)
+    with open(path, "rb") as source, atomic_write(output / BUNDLED_ADAPTER_FILE) as target:
+        shutil.copyfileobj(source, target)
     log(f"adapters in {output / BUNDLED_ADAPTER_FILE}")
     return output / BUNDLED_ADAPTER_FILE
 

@@ -7,7 +7,7 @@ functions:
       1. accelerator, output folder, resolved config
       2. the frozen backbone; only the stage's adapter parameters train
       3. data: records, buckets, the deterministic batch stream
-      4. optimizer, schedule, EMA; accelerator.prepare
+      4. optimizer, schedule, EMA (diffusers' EMAModel); accelerator.prepare
       5. resume: adapter weights, optimizer, schedule, RNG, data position
       6. the loop: loss, backward, step; log, checkpoint, validate
       7. export: <output>/dca.safetensors or rpa.safetensors, the summary
@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..image_io import atomic_write, save_image
+from ..masks import latent_mask_tensor
 from .config import TrainConfig
 from .data import BatchStream, TrainingData, collate, group_by_bucket, sample_seed, scan_dataset
-
 
 EXPORT_NAMES = {"stage1": "dca.safetensors", "stage2": "rpa.safetensors"}
 COMBINED_NAME = "patch_adapter.safetensors"  # stage 2 with --dca: both adapters in one file
@@ -69,45 +70,6 @@ class TrainResult:
 # --------------------------------------------------------------------------- state
 
 
-class AdapterEMA:
-    """Exponential moving average of the adapter weights (diffusers' EMAModel warm-up)."""
-
-    def __init__(self, params, decay: float):
-        self.params = list(params)
-        self.decay = decay
-        self.shadow = [p.detach().clone().float() for p in self.params]
-        self.updates = 0
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - decay)
-
-    @contextmanager
-    def applied(self):
-        """Within this block the adapters hold the EMA weights."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, p in zip(backup, self.params):
-                    p.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = state["updates"]
-        for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
-
-
 class TrainState:
     """What accelerate's checkpoint needs beyond weights, optimizer, schedule and RNG."""
 
@@ -126,8 +88,17 @@ class TrainState:
 
 
 @contextmanager
-def _nothing():
-    yield
+def ema_weights(ema, params):
+    """Within this block `params` hold the EMA weights (diffusers' `EMAModel`); unchanged without EMA."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 @contextmanager
@@ -194,11 +165,11 @@ def stage_latent_mask(mask: torch.Tensor, stage: str, factor: int) -> torch.Tens
     """(B, 1, H, W) pixel mask -> (B, 1, H/f, W/f), as the pipeline builds it for that stage.
 
     Stage 1 runs diffusers' `prepare_mask_latents` (nearest resize); stage 2's
-    patches count a latent as masked if any pixel under it is (max pooling).
+    patches count a latent as masked if any pixel under it is (`masks.latent_mask_tensor`).
     """
     if stage == "stage1":
         return F.interpolate(mask, size=(mask.shape[-2] // factor, mask.shape[-1] // factor))
-    return F.max_pool2d(mask, factor)
+    return latent_mask_tensor(mask, factor)
 
 
 def micro_time_ids(batch_size: int, height: int, width: int, device, dtype) -> torch.Tensor:
@@ -227,7 +198,7 @@ def record_references(pipe, reference_latents, embeds, pooled, time_ids, timeste
 
 
 def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, generator: torch.Generator,
-                  autocast=_nothing) -> torch.Tensor:
+                  autocast=nullcontext) -> torch.Tensor:
     """The noise-prediction loss of one micro-batch; `unet` is the (possibly wrapped) trained UNet."""
     device = pipe._execution_device
     dtype = pipe.unet.dtype
@@ -302,7 +273,8 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in lines).encode())
 
 
 def validation_inputs(dataset: TrainingData, config: TrainConfig, native: int):
@@ -327,8 +299,6 @@ def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> np.n
 
     Returns the panel (H, 2W, 3) uint8 for the trackers.
     """
-    import PIL.Image
-
     image, mask, prompt = inputs
     was_training = pipe.unet.training
     pipe.unet.eval()
@@ -341,9 +311,7 @@ def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> np.n
     shown = image.copy()
     shown[mask] = 127
     panel = np.concatenate([shown, np.asarray(result.convert("RGB"))], axis=1)
-    path = output / "validation" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.Image.fromarray(panel).save(path)
+    save_image(output / "validation" / f"step-{step:07d}.png", panel)
     return panel
 
 
@@ -357,7 +325,9 @@ def train(config: TrainConfig) -> TrainResult:
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from safetensors.torch import load_file, save_file
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
     from tqdm.auto import tqdm
 
     from ..adapters import adapter_state_dict, load_adapter, save_adapter
@@ -423,7 +393,7 @@ def train(config: TrainConfig) -> TrainResult:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_steps * accelerator.num_processes)
-    ema = AdapterEMA(params, config.ema_decay) if config.ema_decay > 0 else None
+    ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
     state = TrainState()
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(state)
@@ -433,8 +403,9 @@ def train(config: TrainConfig) -> TrainResult:
     # checkpoints hold only the adapter being trained (plus accelerate's optimizer/schedule/RNG files)
     def save_model_hook(models, weights, folder):
         if accelerator.is_main_process:
-            save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(pipe.unet, [kind]).items()},
-                      str(Path(folder) / CHECKPOINT_WEIGHTS))
+            state_dict = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(pipe.unet, [kind]).items()}
+            with atomic_write(Path(folder) / CHECKPOINT_WEIGHTS) as f:
+                f.write(safetensors_bytes(state_dict))
         weights.clear()
 
     def load_model_hook(models, folder):
@@ -455,6 +426,8 @@ def train(config: TrainConfig) -> TrainResult:
             accelerator.print(f"no checkpoint in {output} to resume from; starting fresh")
         else:
             accelerator.load_state(str(checkpoint))
+            if ema is not None:  # its shadow weights come back on the CPU
+                ema.to(accelerator.device)
             accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:
         truncate_log(log_path, state.step) if config.resume else log_path.unlink(missing_ok=True)
@@ -495,7 +468,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         state.step += 1
         if ema is not None:
-            ema.step()
+            ema.step(params)
         step_loss = accelerator.gather(torch.stack(step_losses).mean()[None]).mean().item()
         step_losses = []
         losses.append(step_loss)
@@ -524,7 +497,7 @@ def train(config: TrainConfig) -> TrainResult:
         if accelerator.is_main_process and config.validation_steps >= 0 and (
                 (config.validation_steps and state.step % config.validation_steps == 0)
                 or state.step == config.max_steps):
-            with (ema.applied() if ema is not None else _nothing()), accelerator.autocast():
+            with ema_weights(ema, params), accelerator.autocast():
                 panel = validate(pipe, config, validation, state.step, output)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -536,7 +509,7 @@ def train(config: TrainConfig) -> TrainResult:
     skipped = sorted(set().union(*gather_object([sorted(state.skipped)])) | set(report.unreadable))
     weights = output / EXPORT_NAMES[config.stage]
     if accelerator.is_main_process:
-        with ema.applied() if ema is not None else _nothing():
+        with ema_weights(ema, params):
             save_adapter(weights, pipe.unet, kinds=(kind,), backbone_name=config.model)
             if config.stage == "stage2" and config.dca:
                 save_adapter(output / COMBINED_NAME, pipe.unet, kinds=("dca", "rpa"), backbone_name=config.model)
@@ -544,7 +517,8 @@ def train(config: TrainConfig) -> TrainResult:
                    "final_loss": losses[-1] if losses else None, "images": len(report.records),
                    "skipped_unreadable": len(skipped), "skipped_files": skipped,
                    "too_small_for_stage2": len(report.too_small), "missing_captions": report.missing_captions}
-        (output / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        with atomic_write(output / "train_summary.json") as f:
+            f.write(json.dumps(summary, indent=2).encode())
         if skipped:
             accelerator.print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
                               + (" ..." if len(skipped) > 5 else ""))

@@ -40,13 +40,32 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..compositing import mask_bbox
-from ..image_io import ImageInputError, LoadedImage, from_float, load_image, load_mask, save_image, to_float
 from ..cli import output_metadata, pipeline_kwargs
+from ..image_io import (
+    ImageInputError,
+    LoadedImage,
+    atomic_write,
+    from_float,
+    load_image,
+    load_mask,
+    save_image,
+    to_float,
+)
+from ..masks import latent_mask, mask_bbox
 from ..settings import METHODS
 from . import DEFAULT_UPLOAD_MB
-from .jobs import (Job, JobQueue, SettingsError, native_size_for, parse_settings, plan_for, plan_json,
-                   progress_class, settings_dict, settings_schema)
+from .jobs import (
+    Job,
+    JobQueue,
+    SettingsError,
+    native_size_for,
+    parse_settings,
+    plan_for,
+    plan_json,
+    progress_class,
+    settings_dict,
+    settings_schema,
+)
 
 STATIC = Path(__file__).parent / "static"
 MAX_SIDE = 16384  # the largest picture the page opens
@@ -116,13 +135,7 @@ def expand_grid(grid: np.ndarray, cell: int, height: int, width: int) -> np.ndar
 
 def reduce_to_grid(mask: np.ndarray, cell: int) -> np.ndarray:
     """A full-resolution mask on the page's grid: a cell is masked if any of its pixels is."""
-    if cell == 1:
-        return mask
-    height, width = mask.shape
-    grid_h, grid_w = -(-height // cell), -(-width // cell)
-    padded = np.zeros((grid_h * cell, grid_w * cell), dtype=bool)
-    padded[:height, :width] = mask
-    return padded.reshape(grid_h, cell, grid_w, cell).any(axis=(1, 3))
+    return latent_mask(mask, cell)
 
 
 def safe_stem(name: str) -> str:
@@ -340,23 +353,23 @@ def _port_of(hosts: set[str]) -> str:
 
 
 async def receive_upload(request: Request, path: Path, cap: int) -> int:
-    """Stream the body into `path`, refusing as soon as it passes `cap` bytes."""
+    """Stream the body into `path`, refusing as soon as it passes `cap` bytes.
+
+    Written through `atomic_write` (no fsync: the folder is temporary), so `path` never
+    holds half an upload.
+    """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > cap:
         raise UploadTooLarge(f"the upload is {int(declared) / 1e6:.1f} MB, more than the limit of {cap / 1e6:.0f} MB "
                              "(start the server with --max-upload-mb to change it)")
     size = 0
-    try:
-        with open(path, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > cap:
-                    raise UploadTooLarge(f"the upload passed the limit of {cap / 1e6:.0f} MB "
-                                         "(start the server with --max-upload-mb to change it)")
-                f.write(chunk)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, durable=False) as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise UploadTooLarge(f"the upload passed the limit of {cap / 1e6:.0f} MB "
+                                     "(start the server with --max-upload-mb to change it)")
+            f.write(chunk)
     if size == 0:
         path.unlink(missing_ok=True)
         raise ImageInputError("the upload is empty; choose a picture file")
