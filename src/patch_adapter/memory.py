@@ -25,11 +25,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# Where stage 2 keeps reference banks (settings.BANK_PLACEMENTS): all on the device; on the
-# host, each batch's moved over per UNet call (accelerators only); or none, each batch's
-# recorded again per call (bounded memory anywhere, one extra conditional UNet forward per
-# patch and step).
-
 MAX_AUTO_PATCH_BATCH = 8
 """The largest patch batch chosen automatically: beyond it a GPU gains little speed."""
 

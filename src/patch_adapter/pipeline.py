@@ -49,10 +49,10 @@ from .image_io import (
 )
 from .loading import PatchAdapterLoadingMixin
 from .masks import feather_alpha_at, latent_mask_tensor, mask_bbox, resize_mask_any
-from .memory import BANK_PLACEMENTS, available_memory, estimate_memory, stage2_settings
+from .memory import available_memory, estimate_memory, stage2_settings
 from .planning import InpaintPlan, generation_mask, make_plan, padded_dims
 from .resampling import resize_image, sample_region
-from .settings import InpaintSettings
+from .settings import BANK_PLACEMENTS, InpaintSettings
 from .tiling import TileFusion, bounding_tile, tile_window
 from .validation import LATENT_FACTOR, check_feather, check_integer, check_prompt
 

@@ -23,7 +23,10 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-BANK_PLACEMENTS = ("device", "host", "recompute")  # where stage 2 keeps the reference banks (see memory.py)
+#: Where stage 2 keeps reference banks: all on the device; on the host, each batch's moved over per
+#: UNet call (accelerators only); or none, each batch's recorded again per call (bounded memory
+#: anywhere, one extra conditional UNet forward per patch and step). memory.py estimates each.
+BANK_PLACEMENTS = ("device", "host", "recompute")
 
 
 @dataclass(frozen=True)

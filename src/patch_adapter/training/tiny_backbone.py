@@ -194,7 +194,7 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe) -> dict:
         mask = stage_latent_mask(masks[index], "stage1" if step % 2 else "stage2", factor)
         captions = ["" if rng.random() < recipe.caption_dropout else prompts[i] for i in index.tolist()]
         embeds, pooled = encode_captions(pipe, captions)
-        time_ids = micro_time_ids(len(index), x0.shape[-2] * factor, x0.shape[-1] * factor, x0.device, embeds.dtype)
+        time_ids = micro_time_ids(pipe, len(index), x0.shape[-2] * factor, x0.shape[-1] * factor, embeds, pooled)
         loss = denoising_loss(pipe.unet, noise_scheduler, x0, mask, masked, embeds, pooled, time_ids,
                               {"dca_scale": 0.0}, generator, x0.dtype)
         optimizer.zero_grad(set_to_none=True)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..adapters import ReferenceBank
 from ..image_io import atomic_write, save_image
 from ..masks import latent_mask_tensor
 from .config import TrainConfig
@@ -172,29 +173,11 @@ def stage_latent_mask(mask: torch.Tensor, stage: str, factor: int) -> torch.Tens
     return latent_mask_tensor(mask, factor)
 
 
-def micro_time_ids(batch_size: int, height: int, width: int, device, dtype) -> torch.Tensor:
-    """SDXL micro-conditioning as the pipeline sets it: original = target = (H, W), crop (0, 0)."""
-    return torch.tensor([[height, width, 0, 0, height, width]] * batch_size, device=device, dtype=dtype)
+def micro_time_ids(pipe, batch_size: int, height: int, width: int, embeds, pooled) -> torch.Tensor:
+    """SDXL micro-conditioning of `batch_size` uncropped (height, width) pictures: `pipe.time_ids`, as stage 2 uses it."""
+    from ..pipeline import Conditioning
 
-
-@torch.no_grad()
-def record_references(pipe, reference_latents, embeds, pooled, time_ids, timestep: int):
-    """A ReferenceBank of a batch of references: `pipe.record_reference`, batched.
-
-    The frozen UNet sees each clean reference (no mask, its own latents as the
-    masked-image input) at `timestep`; every attn1 layer keeps its input tokens,
-    (B, M, C) per layer, which the processors pair with the B training patches.
-    """
-    from ..adapters import ReferenceBank
-
-    bank = ReferenceBank()
-    no_mask = torch.zeros_like(reference_latents[:, :1])
-    t = torch.full((reference_latents.shape[0],), timestep, device=reference_latents.device, dtype=torch.long)
-    with bank.record():
-        pipe.unet(torch.cat([reference_latents, no_mask, reference_latents], dim=1), t,
-                  encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                  cross_attention_kwargs={"rpa_bank": bank}, return_dict=False)
-    return bank
+    return pipe.time_ids(height, width, Conditioning(embeds[:1], pooled[:1], 1.0)).expand(batch_size, -1)
 
 
 def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, generator: torch.Generator,
@@ -211,13 +194,14 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
         masked_latents = pipe.encode(pixels * (mask < 0.5))  # grey under the mask, as the pipeline builds it
         mask_latents = stage_latent_mask(mask, config.stage, pipe.vae_scale_factor).to(latents.dtype)  # (B, 1, h, w)
         embeds, pooled = encode_captions(pipe, batch["caption"])
-        time_ids = micro_time_ids(bsz, height, width, device, embeds.dtype)
+        time_ids = micro_time_ids(pipe, bsz, height, width, embeds, pooled)
 
     attention_kwargs = {"dca_mask": mask_latents, "dca_scale": 1.0}
     if config.stage == "stage2":
         with torch.no_grad(), autocast():
             reference_latents = pipe.encode(batch["reference"].to(device))
-            bank = record_references(pipe, reference_latents, embeds, pooled, time_ids, config.reference_timestep)
+            bank = ReferenceBank.recorded(pipe.unet, reference_latents, config.reference_timestep, embeds,
+                                          {"text_embeds": pooled, "time_ids": time_ids})
         attention_kwargs = {"dca_mask": mask_latents, "dca_scale": config.dca_scale, "rpa_bank": bank,
                             "rpa_scale": 1.0}
     return denoising_loss(unet, noise_scheduler, latents, mask_latents, masked_latents, embeds, pooled, time_ids,
