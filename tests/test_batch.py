@@ -159,7 +159,7 @@ def test_out_of_memory_fails_the_item_with_the_fix_and_the_batch_goes_on(tmp_pat
 @pytest.mark.parametrize("rows, message", [
     ([["mask", "prompt"], ["a_mask.png", "x"]], "items.csv line 1: no image column"),
     ([["image", "steps"], ["a.png", "3"], ["a.png", "many"]], "items.csv line 3: argument --steps: invalid int"),
-    ([["image", "strength"], ["a.png", "1.5"]], "items.csv line 2: strength must be in (0.0, 1.0]"),
+    ([["image", "strength"], ["a.png", "1.5"]], "items.csv line 2: --strength must be in (0.0, 1.0]"),
     ([["image", "method"], ["a.png", "magic"]], "items.csv line 2: argument --method: invalid choice"),
     ([["image", "colour"], ["a.png", "red"]], "items.csv line 2: unknown column 'colour'"),
     ([["image", "model"], ["a.png", "tiny"]], "items.csv line 2: model is set for the whole batch"),

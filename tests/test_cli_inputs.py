@@ -76,14 +76,14 @@ def no_model(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--guidance-scale", "inf"], "guidance_scale must be a finite number"),
-    (["--guidance-scale", "nan"], "guidance_scale must be a finite number"),
-    (["--dca-scale", "nan"], "dca_scale must be a finite number"),
-    (["--rpa-scale", "nan"], "rpa_scale must be a finite number"),
-    (["--strength", "nan"], "strength must be a finite number"),
-    (["--strength", "1.5"], "strength must be in (0.0, 1.0]"),
+    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--dca-scale", "nan"], "--dca-scale must be a finite number"),
+    (["--rpa-scale", "nan"], "--rpa-scale must be a finite number"),
+    (["--strength", "nan"], "--strength must be a finite number"),
+    (["--strength", "1.5"], "--strength must be in (0.0, 1.0]"),
     (["--mask-feather", "20"], "erases the whole fill"),
-    (["--steps", "0"], "num_inference_steps must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
     (["--tile-size", "100"], "--tile-size 100 must be a multiple of 8"),
     (["--seed", str(2**64)], "seed must be at most"),
     (["--seed", "-1"], "seed must be at least 0"),
