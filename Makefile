@@ -24,9 +24,10 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: the browser test needs chromium: sudo apt-get install chromium (it fails under CI=true)"; fi
 
-# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle errors, import order, bugbear
+# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle errors, import order, bugbear; and its formatter
 lint:
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 # the suite on the tiny backbone, two processes (about 7 minutes on 2 cores; the quality slice
 # takes the most), after `make lint`; tests marked slow are left out, `make test-all` runs them (the direct baseline at 4K)

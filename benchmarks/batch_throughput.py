@@ -33,7 +33,7 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
     folder.mkdir(parents=True)
     alpha = np.full((size, size, 1), 255, np.uint8)
-    alpha[size * 3 // 8: size * 5 // 8, size * 3 // 8: size * 5 // 8] = 0  # transparent = fill
+    alpha[size * 3 // 8 : size * 5 // 8, size * 3 // 8 : size * 5 // 8] = 0  # transparent = fill
     rng = np.random.default_rng(0)
     for i in range(count):
         save_image(folder / f"img{i:04d}.png", np.dstack([rng.integers(0, 256, (size, size, 3), np.uint8), alpha]))
@@ -47,15 +47,43 @@ def free_port() -> int:
 
 def run(images: Path, out: Path, processes: int, threads: int, steps: int, gpu: bool) -> tuple[float, float]:
     """(wall seconds, images/hour from the batch's summary) of one batch command."""
-    batch = ["-m", "patch_adapter.cli", "batch", "--images", str(images), "--prompt", "a bench", "-o", str(out),
-             "--steps", str(steps), "--quiet"]
+    batch = [
+        "-m",
+        "patch_adapter.cli",
+        "batch",
+        "--images",
+        str(images),
+        "--prompt",
+        "a bench",
+        "-o",
+        str(out),
+        "--steps",
+        str(steps),
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), "TRANSFORMERS_VERBOSITY": "error"}
     if processes == 1:
         command = [sys.executable, *batch]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *batch]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(free_port()),
+            *batch,
+        ]
         if not gpu:
             env["ACCELERATE_USE_CPU"] = "true"
     started = time.perf_counter()
@@ -83,8 +111,11 @@ def main() -> None:
         make_images(images, args.count, args.size)
         for processes in (int(p) for p in args.processes.split(",")):
             wall, rate = run(images, Path(tmp) / f"out{processes}", processes, args.threads, args.steps, args.gpu)
-            print(f"| {args.size}x{args.size} | {processes} | {args.count} | {args.steps} | {wall:.1f} | "
-                  f"{args.count * 3600 / wall:.0f} | {rate:.0f} |", flush=True)
+            print(
+                f"| {args.size}x{args.size} | {processes} | {args.count} | {args.steps} | {wall:.1f} | "
+                f"{args.count * 3600 / wall:.0f} | {rate:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,7 @@ def classify(path: Path) -> tuple[str, str]:
         return "not compared", ""
     rgb, alpha = reference
     same = rgb.shape == loaded.pixels.shape and np.array_equal(rgb, loaded.pixels)
-    same_alpha = (alpha is None) == (loaded.alpha is None) and (
-        alpha is None or np.array_equal(alpha, loaded.alpha))
+    same_alpha = (alpha is None) == (loaded.alpha is None) and (alpha is None or np.array_equal(alpha, loaded.alpha))
     if same and same_alpha:
         return "exact", ""
     return "differs", f"{'colour' if not same else ''} {'alpha' if not same_alpha else ''}".strip()

@@ -42,17 +42,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps (refine steps the same)")
     parser.add_argument("--model", default="tiny", help="backbone: tiny, a diffusers folder, a file or a hub id")
-    parser.add_argument("--adapter", default=None,
-                        help="a Patch-Adapter .safetensors file (default: the one the model folder ships, if any)")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="a Patch-Adapter .safetensors file (default: the one the model folder ships, if any)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=Path("out/quality/quality.json"))
     parser.add_argument("--markdown", type=Path, default=None, help="default: the JSON's path with .md")
     parser.add_argument("--plot", type=Path, default=None, help="default: the JSON's path with .png")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own pipeline")
-    parser.add_argument("--summarize-only", action="store_true",
-                        help="make no new results: summarize the records already in the .jsonl (a partial run, or "
-                             "methods run with different counts; each row's n says how many tasks it has)")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="make no new results: summarize the records already in the .jsonl (a partial run, or "
+        "methods run with different counts; each row's n says how many tasks it has)",
+    )
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -71,8 +77,9 @@ def start_worker(settings: dict, threads: int) -> None:
     from patch_adapter.pipeline import PatchAdapterPipeline
 
     torch.set_num_threads(threads)
-    pipe = PatchAdapterPipeline.from_pretrained(settings["model"], adapter=settings["adapter"],
-                                                device=settings["device"])
+    pipe = PatchAdapterPipeline.from_pretrained(
+        settings["model"], adapter=settings["adapter"], device=settings["device"]
+    )
     pipe.set_progress_bar_config(disable=True)
     WORKER.update(settings=settings, pipe=pipe, task=None)
 
@@ -117,8 +124,10 @@ def read_records(path: Path, settings: dict) -> dict[tuple[int, str], dict]:
         return {}
     header = json.loads(lines[0])
     if header.get("settings") != settings:
-        sys.exit(f"{path} holds records made with {header.get('settings')}, not {settings}: "
-                 f"choose another --json or delete it")
+        sys.exit(
+            f"{path} holds records made with {header.get('settings')}, not {settings}: "
+            f"choose another --json or delete it"
+        )
     records = {}
     for line in lines[1:]:
         try:
@@ -147,8 +156,10 @@ def write_atomically(path: Path, text: str) -> None:
 
 def describe(settings: dict, count: int) -> str:
     width, height = settings["size"]
-    return (f"{count} tasks at {width}x{height}, seed {settings['seed']}, {settings['steps']} steps, "
-            f"model {settings['model']}" + (f", adapter {settings['adapter']}" if settings["adapter"] else ""))
+    return (
+        f"{count} tasks at {width}x{height}, seed {settings['seed']}, {settings['steps']} steps, "
+        f"model {settings['model']}" + (f", adapter {settings['adapter']}" if settings["adapter"] else "")
+    )
 
 
 def main(argv=None) -> None:
@@ -156,44 +167,65 @@ def main(argv=None) -> None:
     from patch_adapter.evaluation.benchmark import STATS, markdown_table, plot_summary, summarize
 
     started = time.perf_counter()
-    settings = {"seed": args.seed, "size": list(args.size), "steps": args.steps, "model": args.model,
-                "adapter": args.adapter, "device": args.device}
+    settings = {
+        "seed": args.seed,
+        "size": list(args.size),
+        "steps": args.steps,
+        "model": args.model,
+        "adapter": args.adapter,
+        "device": args.device,
+    }
     log = args.json.with_suffix(".jsonl")
     done = read_records(log, settings)
     if not log.exists() or not log.read_text().strip():
         log.parent.mkdir(parents=True, exist_ok=True)
         append_line(log, {"settings": settings})
-    items = [] if args.summarize_only else [(i, m) for i in range(args.count) for m in args.methods
-                                            if (i, m) not in done]
-    print(f"{describe(settings, args.count)}: {len(items)} of {args.count * len(args.methods)} results to make"
-          f" ({args.workers} worker(s), {args.threads} thread(s) each)", file=sys.stderr)
+    items = (
+        [] if args.summarize_only else [(i, m) for i in range(args.count) for m in args.methods if (i, m) not in done]
+    )
+    print(
+        f"{describe(settings, args.count)}: {len(items)} of {args.count * len(args.methods)} results to make"
+        f" ({args.workers} worker(s), {args.threads} thread(s) each)",
+        file=sys.stderr,
+    )
     for number, record in enumerate(run_items(items, settings, args.threads, args.workers), start=1):
         append_line(log, record)
         done[(record["index"], record["method"])] = record
         elapsed = time.perf_counter() - started
-        print(f"[{number}/{len(items)}] task {record['index']} ({record['kind']}, {record['mask_kind']}, "
-              f"{record['placement']}) {record['method']}: {record['seconds']:.1f} s, "
-              f"prompt followed {record['prompt_followed']}; eta {elapsed / number * (len(items) - number):.0f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{number}/{len(items)}] task {record['index']} ({record['kind']}, {record['mask_kind']}, "
+            f"{record['placement']}) {record['method']}: {record['seconds']:.1f} s, "
+            f"prompt followed {record['prompt_followed']}; eta {elapsed / number * (len(items) - number):.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     order = {m: i for i, m in enumerate(args.methods)}
-    records = sorted((r for (i, m), r in done.items() if i < args.count and m in order),
-                     key=lambda r: (r["index"], order[r["method"]]))
+    records = sorted(
+        (r for (i, m), r in done.items() if i < args.count and m in order),
+        key=lambda r: (r["index"], order[r["method"]]),
+    )
     summary = summarize(records)
     table = markdown_table(summary)
     seconds = time.perf_counter() - started
-    result = {"settings": settings, "count": args.count, "methods": args.methods,
-              "stats": {s.name: {"field": s.field, "kinds": list(s.kinds), "how": s.how, "label": s.label}
-                        for s in STATS},
-              "summary": summary, "records": records, "seconds_this_run": seconds}
+    result = {
+        "settings": settings,
+        "count": args.count,
+        "methods": args.methods,
+        "stats": {s.name: {"field": s.field, "kinds": list(s.kinds), "how": s.how, "label": s.label} for s in STATS},
+        "summary": summary,
+        "records": records,
+        "seconds_this_run": seconds,
+    }
     write_atomically(args.json, json.dumps(result, indent=1))
     markdown = args.markdown or args.json.with_suffix(".md")
-    write_atomically(markdown, f"Quality benchmark: {describe(settings, args.count)}; "
-                               f"mean [95% interval]\n\n{table}\n")
+    write_atomically(markdown, f"Quality benchmark: {describe(settings, args.count)}; mean [95% interval]\n\n{table}\n")
     plot_summary(summary, args.plot or args.json.with_suffix(".png"))
     print(table)
-    print(f"\n{len(items)} results made in {seconds:.0f} s; pipeline time of all {len(records)} records: "
-          f"{sum(r['seconds'] for r in records):.0f} s; wrote {args.json}, {markdown}")
+    print(
+        f"\n{len(items)} results made in {seconds:.0f} s; pipeline time of all {len(records)} records: "
+        f"{sum(r['seconds'] for r in records):.0f} s; wrote {args.json}, {markdown}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def square_mask(side: int, mask_side: int, seed: int = 0):
 
     mask = np.zeros((side, side), dtype=bool)
     top = left = min(side // 3, side - mask_side)
-    mask[top: top + mask_side, left: left + mask_side] = True
+    mask[top : top + mask_side, left : left + mask_side] = True
     return mask
 
 
@@ -52,20 +52,34 @@ def run_case(method: str, side: int, mask_side: int, steps: int) -> dict:
     mask = square_mask(side, mask_side)
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    result = pipe(prompt="a wooden bench", image=image, mask_image=mask, method=method,
-                  num_inference_steps=steps, refine_steps=steps, refine_strength=0.6,
-                  generator=torch.Generator().manual_seed(0))
+    result = pipe(
+        prompt="a wooden bench",
+        image=image,
+        mask_image=mask,
+        method=method,
+        num_inference_steps=steps,
+        refine_steps=steps,
+        refine_strength=0.6,
+        generator=torch.Generator().manual_seed(0),
+    )
     seconds = time.perf_counter() - started
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # before the check below copies the image
     assert np.array_equal(result.arrays[0][~mask], image[~mask])
-    return {"seconds": seconds, "unet_forwards": result.plan.unet_forwards, "patches": len(result.plan.tiles),
-            "peak_rss_mb": peak_rss / 1024, "rss_before_mb": loaded_rss / 1024}
+    return {
+        "seconds": seconds,
+        "unet_forwards": result.plan.unet_forwards,
+        "patches": len(result.plan.tiles),
+        "peak_rss_mb": peak_rss / 1024,
+        "rss_before_mb": loaded_rss / 1024,
+    }
 
 
 def timed_in_subprocess(method: str, side: int, mask_side: int, steps: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--case", json.dumps([method, side, mask_side, steps])],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"case {method} {side} {mask_side} failed:\n{out.stderr[-3000:]}")
@@ -105,8 +119,10 @@ def sdxl_flops(side: int = 4096, mask_side: int = 1024, steps: int = 30, refine_
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sdxl_inpaint_unet_config())
-    plain = {"native (1024^2)": unet_tflop(unet, (128, 128), batch=2),
-             f"full size ({side}^2)": unet_tflop(unet, (side // 8, side // 8), batch=2)}
+    plain = {
+        "native (1024^2)": unet_tflop(unet, (128, 128), batch=2),
+        f"full size ({side}^2)": unet_tflop(unet, (side // 8, side // 8), batch=2),
+    }
     install_adapters(unet)
     with torch.device("meta"):
         dca_mask = torch.zeros(1, 1, 128, 128)
@@ -119,9 +135,18 @@ def sdxl_flops(side: int = 4096, mask_side: int = 1024, steps: int = 30, refine_
     mask = square_mask(side, mask_side)
     rows = []
     for method in ("direct", "resize", "crop", "tiled", "two-stage", "patch-adapter"):
-        plan = make_plan(InpaintSettings(method=method, num_inference_steps=steps, refine_strength=refine_strength,
-                                        tile_size=1024, tile_overlap=256),
-                         (side, side), mask, 1024)
+        plan = make_plan(
+            InpaintSettings(
+                method=method,
+                num_inference_steps=steps,
+                refine_strength=refine_strength,
+                tile_size=1024,
+                tile_overlap=256,
+            ),
+            (side, side),
+            mask,
+            1024,
+        )
         native = plain["native (1024^2)"]
         if method == "direct":
             total = plan.stage1_steps * plain[f"full size ({side}^2)"]
@@ -129,11 +154,12 @@ def sdxl_flops(side: int = 4096, mask_side: int = 1024, steps: int = 30, refine_
             total = plan.stage1_steps * with_dca + len(plan.tiles) * (plan.stage2_steps * with_rpa + reference_pass)
         else:
             total = (plan.stage1_steps + len(plan.tiles) * plan.stage2_steps) * native
-        rows.append({"method": method, "unet_forwards": plan.unet_forwards, "patches": len(plan.tiles),
-                     "tflop": total})
-    print(f"SDXL-inpainting UNet, one forward with classifier-free guidance (batch 2): "
-          f"{plain['native (1024^2)']:.1f} TFLOP at 1024^2, {plain[f'full size ({side}^2)']:.1f} TFLOP at {side}^2; "
-          f"with DCA {with_dca:.1f}, with DCA+RPA {with_rpa:.1f}, reference pass (batch 1) {reference_pass:.1f}")
+        rows.append({"method": method, "unet_forwards": plan.unet_forwards, "patches": len(plan.tiles), "tflop": total})
+    print(
+        f"SDXL-inpainting UNet, one forward with classifier-free guidance (batch 2): "
+        f"{plain['native (1024^2)']:.1f} TFLOP at 1024^2, {plain[f'full size ({side}^2)']:.1f} TFLOP at {side}^2; "
+        f"with DCA {with_dca:.1f}, with DCA+RPA {with_rpa:.1f}, reference pass (batch 1) {reference_pass:.1f}"
+    )
     return rows
 
 
@@ -150,8 +176,10 @@ def main() -> None:
         return
 
     figures = {"sdxl": sdxl_flops()}
-    print("\nUNet TFLOPs of one 4096x4096 inpaint, 1024x1024 mask, 30 steps, refine strength 0.6, "
-          "guidance on (SDXL-inpainting architecture, counted on the meta device)")
+    print(
+        "\nUNet TFLOPs of one 4096x4096 inpaint, 1024x1024 mask, 30 steps, refine strength 0.6, "
+        "guidance on (SDXL-inpainting architecture, counted on the meta device)"
+    )
     print("| method | UNet forwards | patches | TFLOP |\n| --- | ---: | ---: | ---: |")
     for row in figures["sdxl"]:
         print(f"| {row['method']} | {row['unet_forwards']} | {row['patches']} | {row['tflop']:.0f} |")
@@ -161,32 +189,46 @@ def main() -> None:
     steps = 4 if args.quick else args.steps
     sizes = {k: v for k, v in SIZES.items() if not (args.quick and k == "8K")}
     areas = AREAS[:2] if args.quick else AREAS
-    print(f"\nTiny backbone on this CPU, {steps} steps (patches: refine strength 0.6), guidance on; "
-          f"each case in a fresh process")
+    print(
+        f"\nTiny backbone on this CPU, {steps} steps (patches: refine strength 0.6), guidance on; "
+        f"each case in a fresh process"
+    )
     print("\nFixed 512x512 mask, growing image:")
-    print("| image | method | patches | UNet forwards | seconds | peak RSS MB (before the call) |\n"
-          "| --- | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| image | method | patches | UNet forwards | seconds | peak RSS MB (before the call) |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: |"
+    )
     figures["sizes"] = []
     for name, side in sizes.items():
         for method in METHODS:
             r = timed_in_subprocess(method, side, 512, steps)
             figures["sizes"].append({"image": name, "method": method, **r})
-            print(f"| {name} | {method} | {r['patches']} | {r['unet_forwards']} | {r['seconds']:.1f} | "
-                  f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f}) |", flush=True)
+            print(
+                f"| {name} | {method} | {r['patches']} | {r['unet_forwards']} | {r['seconds']:.1f} | "
+                f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f}) |",
+                flush=True,
+            )
     print("\n4096x4096 image, growing mask:")
-    print("| mask area | method | patches | UNet forwards | seconds | peak RSS MB (before the call) |\n"
-          "| --- | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| mask area | method | patches | UNet forwards | seconds | peak RSS MB (before the call) |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: |"
+    )
     figures["areas"] = []
     for area in areas:
         mask_side = int(round(math.sqrt(area) * 4096))
         for method in METHODS:
             r = timed_in_subprocess(method, 4096, mask_side, steps)
             figures["areas"].append({"area": area, "method": method, **r})
-            print(f"| {area:.0%} | {method} | {r['patches']} | {r['unet_forwards']} | {r['seconds']:.1f} | "
-                  f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f}) |", flush=True)
+            print(
+                f"| {area:.0%} | {method} | {r['patches']} | {r['unet_forwards']} | {r['seconds']:.1f} | "
+                f"{r['peak_rss_mb']:.0f} ({r['rss_before_mb']:.0f}) |",
+                flush=True,
+            )
     by = {(r["image"], r["method"]): r["seconds"] for r in figures["sizes"]}
     if ("8K", "patch-adapter") in by:
-        print(f"\npatch-adapter 8K / 2K time for the same mask: {by[('8K', 'patch-adapter')] / by[('2K', 'patch-adapter')]:.2f}x")
+        print(
+            f"\npatch-adapter 8K / 2K time for the same mask: {by[('8K', 'patch-adapter')] / by[('2K', 'patch-adapter')]:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -30,8 +30,16 @@ import time
 
 CASES = {"4k": (4096, 0.25, ("patch-adapter", "two-stage", "tiled", "crop")), "8k": (8192, 0.05, ("patch-adapter",))}
 PEAK_TFLOPS = {  # dense fp16/bf16 tensor-core peak, per the vendors' data sheets
-    "H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.2, "RTX 6000 Ada": 364.0,
+    "H200": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "RTX 4090": 165.2,
+    "RTX 6000 Ada": 364.0,
 }
 
 
@@ -57,8 +65,9 @@ def build_pipeline(dtype):
                 if p.ndim > 1:
                     p.normal_(0, 0.02)
     tokenizer = tiny_tokenizer()
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
     pipe = PatchAdapterPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -85,6 +94,7 @@ class StageTimer:
                 finally:
                     torch.cuda.synchronize()
                     self.seconds[name] += time.perf_counter() - started
+
             return run
 
         self.pipe._stage1_at = timed("stage 1", originals["stage 1"])
@@ -136,8 +146,15 @@ def run_case(pipe, side: int, area: float, method: str, steps: int, dtype_name: 
     with timer.wrapped():
         torch.cuda.synchronize()
         started = time.perf_counter()
-        result = pipe(prompt="a wooden bench", image=image, mask_image=mask, method=method, num_inference_steps=steps,
-                      guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+        result = pipe(
+            prompt="a wooden bench",
+            image=image,
+            mask_image=mask,
+            method=method,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(0),
+        )
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
     assert np.array_equal(result.arrays[0][~mask], image[~mask]), "pixels outside the mask changed"
@@ -145,13 +162,20 @@ def run_case(pipe, side: int, area: float, method: str, steps: int, dtype_name: 
     tflop = counted_tflop(plan, pipe.unet.dtype)
     unet_seconds = timer.seconds["stage 1"] + timer.seconds["stage 2"]
     row = {
-        "image": f"{side}x{side}", "mask": f"{area:.0%}", "method": method, "dtype": dtype_name,
-        "patches": len(plan.tiles), "seconds": seconds, "stage1_s": timer.seconds["stage 1"],
-        "stage2_s": timer.seconds["stage 2"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "image": f"{side}x{side}",
+        "mask": f"{area:.0%}",
+        "method": method,
+        "dtype": dtype_name,
+        "patches": len(plan.tiles),
+        "seconds": seconds,
+        "stage1_s": timer.seconds["stage 1"],
+        "stage2_s": timer.seconds["stage 2"],
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "estimate_gib": plan.memory.peak / 2**30 if plan.memory is not None else None,
         "patch_batch": plan.memory.patch_batch_size if plan.memory is not None else None,
         "banks": plan.memory.bank_placement if plan.memory is not None else None,
-        "tflop": tflop, "tflops": tflop / max(unet_seconds, 1e-9),
+        "tflop": tflop,
+        "tflops": tflop / max(unet_seconds, 1e-9),
     }
     row["of_peak"] = row["tflops"] / peak if peak else None
     return row
@@ -160,10 +184,10 @@ def run_case(pipe, side: int, area: float, method: str, steps: int, dtype_name: 
 def square_case(side: int, area: float):
     import numpy as np
 
-    mask_side = int(round(side * area ** 0.5))
+    mask_side = int(round(side * area**0.5))
     mask = np.zeros((side, side), dtype=bool)
     start = (side - mask_side) // 2
-    mask[start:start + mask_side, start:start + mask_side] = True
+    mask[start : start + mask_side, start : start + mask_side] = True
     return mask
 
 
@@ -187,9 +211,14 @@ def print_estimates(cases, methods, budget_gib: float, steps: int) -> None:
         side, area, case_methods = CASES[case]
         for method in methods or case_methods:
             mask = square_case(side, area)
-            plan = make_plan(InpaintSettings(method=method, num_inference_steps=steps, refine_strength=0.6,
-                                        tile_size=1024, tile_overlap=256),
-                         (side, side), mask, 1024)
+            plan = make_plan(
+                InpaintSettings(
+                    method=method, num_inference_steps=steps, refine_strength=0.6, tile_size=1024, tile_overlap=256
+                ),
+                (side, side),
+                mask,
+                1024,
+            )
             plan.settings = plan.settings.replace(max_memory=int(budget_gib * 2**30))
             choose_stage2_memory(backbone, plan, "cuda")
             print(f"{side}x{side}, {area:.0%} mask, {method}, {len(plan.tiles)} patches: {plan.memory.describe()}")
@@ -211,19 +240,25 @@ def main(argv=None) -> int:
     import torch
 
     if args.estimate_only:
-        print_estimates(args.cases.split(","), args.methods.split(",") if args.methods else None, args.budget_gib,
-                        args.steps)
+        print_estimates(
+            args.cases.split(","), args.methods.split(",") if args.methods else None, args.budget_gib, args.steps
+        )
         return 0
     if not torch.cuda.is_available():
-        print("sdxl_inference.py needs a CUDA GPU: none is visible to torch here (torch.cuda.is_available() is "
-              "False). Run it on a machine with one; `make bench` measures the CPU.", file=sys.stderr)
+        print(
+            "sdxl_inference.py needs a CUDA GPU: none is visible to torch here (torch.cuda.is_available() is "
+            "False). Run it on a machine with one; `make bench` measures the CPU.",
+            file=sys.stderr,
+        )
         return 2
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
     peak = device_peak_tflops(name)
-    print(f"device: {name} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB), "
-          f"dense peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}")
+    print(
+        f"device: {name} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB), "
+        f"dense peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}"
+    )
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
@@ -234,7 +269,7 @@ def main(argv=None) -> int:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
         for case in args.cases.split(","):
             side, area, methods = CASES[case]
-            for method in (args.methods.split(",") if args.methods else methods):
+            for method in args.methods.split(",") if args.methods else methods:
                 if args.compile:  # compile for this case's shapes outside the timing
                     run_case(pipe, side, area, method, 2, dtype_name, peak)
                 row = run_case(pipe, side, area, method, args.steps, dtype_name, peak)
@@ -242,14 +277,18 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
         del pipe
         torch.cuda.empty_cache()
-    print("\n| image | mask | method | dtype | patches | s | stage 1 s | stage 2 s | peak GiB | estimate GiB "
-          "| TFLOP | TFLOP/s | of peak |\n" + "| --- " * 13 + "|")
+    print(
+        "\n| image | mask | method | dtype | patches | s | stage 1 s | stage 2 s | peak GiB | estimate GiB "
+        "| TFLOP | TFLOP/s | of peak |\n" + "| --- " * 13 + "|"
+    )
     for r in rows:
         of_peak = f"{r['of_peak']:.0%}" if r["of_peak"] else "-"
         estimate = f"{r['estimate_gib']:.1f}" if r["estimate_gib"] is not None else "-"
-        print(f"| {r['image']} | {r['mask']} | {r['method']} | {r['dtype']} | {r['patches']} | {r['seconds']:.1f} | "
-              f"{r['stage1_s']:.1f} | {r['stage2_s']:.1f} | {r['peak_gib']:.1f} | {estimate} | {r['tflop']:.0f} | "
-              f"{r['tflops']:.0f} | {of_peak} |")
+        print(
+            f"| {r['image']} | {r['mask']} | {r['method']} | {r['dtype']} | {r['patches']} | {r['seconds']:.1f} | "
+            f"{r['stage1_s']:.1f} | {r['stage2_s']:.1f} | {r['peak_gib']:.1f} | {estimate} | {r['tflop']:.0f} | "
+            f"{r['tflops']:.0f} | {of_peak} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -33,23 +33,54 @@ import time
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 SDXL_INPAINT_UNET = dict(
-    sample_size=128, in_channels=9, out_channels=4,
+    sample_size=128,
+    in_channels=9,
+    out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    norm_num_groups=32,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    act_fn="silu",
 )
 SDXL_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
 )
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 hidden_act="gelu", projection_dim=1280)
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+CLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 
 def build_pipeline(device, dtype):
@@ -62,8 +93,13 @@ def build_pipeline(device, dtype):
     from patch_adapter.pipeline import PatchAdapterPipeline
 
     tokenizer = tiny_tokenizer()
-    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the training dtype: no fp32 copy of 3.5 B parameters
     try:
@@ -77,8 +113,12 @@ def build_pipeline(device, dtype):
             )
     finally:
         torch.set_default_dtype(default)
-    pipe = PatchAdapterPipeline(**components, tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(),
-                                scheduler=EulerDiscreteScheduler(**tiny_configs()["scheduler"]))
+    pipe = PatchAdapterPipeline(
+        **components,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        scheduler=EulerDiscreteScheduler(**tiny_configs()["scheduler"]),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -110,11 +150,15 @@ def run_case(stage: str, checkpointing: bool, args) -> dict:
 
     size, batch = args.resolution, args.batch_size
     generator = torch.Generator().manual_seed(0)
-    mask = torch.stack([torch.from_numpy(boxes(np.random.default_rng(i), size, size))[None]
-                        for i in range(batch)]).float()
-    inputs = {"pixels": torch.rand(batch, 3, size, size, generator=generator) * 2 - 1, "mask": mask,
-              "caption": ["a photo of a wooden bench in a park, soft evening light"] * batch,
-              "reference": torch.rand(batch, 3, size, size, generator=generator) * 2 - 1}
+    mask = torch.stack(
+        [torch.from_numpy(boxes(np.random.default_rng(i), size, size))[None] for i in range(batch)]
+    ).float()
+    inputs = {
+        "pixels": torch.rand(batch, 3, size, size, generator=generator) * 2 - 1,
+        "mask": mask,
+        "caption": ["a photo of a wooden bench in a park, soft evening light"] * batch,
+        "reference": torch.rand(batch, 3, size, size, generator=generator) * 2 - 1,
+    }
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -138,16 +182,22 @@ def run_case(stage: str, checkpointing: bool, args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / args.steps
-    everything = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
-                     for p in m.parameters())
-    figures = {"stage": stage, "gradient_checkpointing": checkpointing, "s_per_step": seconds,
-               "steps_per_s": 1 / seconds, "trainable_params": sum(p.numel() for p in params),
-               "backbone_params": everything - sum(p.numel() for p in adapter_parameters(pipe.unet))}
+    everything = sum(
+        p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters()
+    )
+    figures = {
+        "stage": stage,
+        "gradient_checkpointing": checkpointing,
+        "s_per_step": seconds,
+        "steps_per_s": 1 / seconds,
+        "trainable_params": sum(p.numel() for p in params),
+        "backbone_params": everything - sum(p.numel() for p in adapter_parameters(pipe.unet)),
+    }
     if cuda:
-        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         figures["device"] = torch.cuda.get_device_name()
     else:
-        figures["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # RSS, KiB -> GiB
+        figures["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # RSS, KiB -> GiB
         figures["device"] = "cpu (peak = max RSS)"
     return figures
 
@@ -165,9 +215,11 @@ def main() -> None:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("train_sdxl_gpu.py: no CUDA device here. This benchmark measures GPU memory and speed at "
-                 "SDXL's size; run it on a machine with a GPU, or pass --device cpu --resolution 128 --steps 1 "
-                 "to check that it runs (slowly, about 12 GB of RAM).")
+        sys.exit(
+            "train_sdxl_gpu.py: no CUDA device here. This benchmark measures GPU memory and speed at "
+            "SDXL's size; run it on a machine with a GPU, or pass --device cpu --resolution 128 --steps 1 "
+            "to check that it runs (slowly, about 12 GB of RAM)."
+        )
     if args.resolution % 64:
         sys.exit("train_sdxl_gpu.py: --resolution must be a multiple of 64")
 
@@ -179,9 +231,22 @@ def main() -> None:
     rows = []
     for stage in ("stage1", "stage2"):
         for checkpointing in (False, True):
-            command = [sys.executable, __file__, "--case", f"{stage}:{int(checkpointing)}", "--device", args.device,
-                       "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
-                       "--steps", str(args.steps), "--dtype", args.dtype]
+            command = [
+                sys.executable,
+                __file__,
+                "--case",
+                f"{stage}:{int(checkpointing)}",
+                "--device",
+                args.device,
+                "--resolution",
+                str(args.resolution),
+                "--batch-size",
+                str(args.batch_size),
+                "--steps",
+                str(args.steps),
+                "--dtype",
+                args.dtype,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -189,15 +254,19 @@ def main() -> None:
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     device = next((r["device"] for r in rows if "device" in r), args.device)
-    print(f"SDXL-inpainting architecture, random weights, {args.resolution}x{args.resolution}, batch "
-          f"{args.batch_size}, backbone {args.dtype} (adapters fp32, autocast), AdamW; device: {device}")
+    print(
+        f"SDXL-inpainting architecture, random weights, {args.resolution}x{args.resolution}, batch "
+        f"{args.batch_size}, backbone {args.dtype} (adapters fp32, autocast), AdamW; device: {device}"
+    )
     print(f"{'stage':<8}{'grad ckpt':>10}{'s/step':>9}{'steps/s':>9}{'peak GiB':>10}{'trainable':>12}")
     for r in rows:
         if "error" in r:
             print(f"{r['stage']:<8}{'on' if r['gradient_checkpointing'] else 'off':>10}  failed: {r['error']}")
             continue
-        print(f"{r['stage']:<8}{'on' if r['gradient_checkpointing'] else 'off':>10}{r['s_per_step']:>9.3f}"
-              f"{r['steps_per_s']:>9.2f}{r['peak_gib']:>10.2f}{r['trainable_params'] / 1e6:>11.1f}M")
+        print(
+            f"{r['stage']:<8}{'on' if r['gradient_checkpointing'] else 'off':>10}{r['s_per_step']:>9.3f}"
+            f"{r['steps_per_s']:>9.2f}{r['peak_gib']:>10.2f}{r['trainable_params'] / 1e6:>11.1f}M"
+        )
     frozen = next((r["backbone_params"] for r in rows if "backbone_params" in r), 0)
     print(f"frozen backbone: {frozen / 1e9:.2f} B parameters (UNet, VAE, both text encoders)")
 

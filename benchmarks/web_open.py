@@ -55,8 +55,10 @@ def main():
         picture = Path(tmp) / "big.png"
         smooth_picture(width, height, picture)
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "patch_adapter.cli", "serve", "--port", str(port)],
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+        server = subprocess.Popen(
+            [sys.executable, "-m", "patch_adapter.cli", "serve", "--port", str(port)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         try:
             wait_for(f"http://127.0.0.1:{port}/api/config")
             with sync_playwright() as p:
@@ -67,7 +69,9 @@ def main():
                 page.set_input_files("#open-file", str(picture))
                 page.wait_for_function("window.openMs !== undefined", timeout=120_000)
                 print(f"picture {width}x{height}, {picture.stat().st_size / 1e6:.1f} MB PNG")
-                print(f"open (upload, server decode, browser decode + preview): {page.evaluate('window.openMs'):.0f} ms")
+                print(
+                    f"open (upload, server decode, browser decode + preview): {page.evaluate('window.openMs'):.0f} ms"
+                )
                 frame = "() => { const t = performance.now(); render(); return performance.now() - t; }"
                 fitted = [page.evaluate(frame) for _ in range(5)]
                 print(f"one frame, fitted: {np.median(fitted):.1f} ms (median of 5)")

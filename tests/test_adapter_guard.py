@@ -54,8 +54,10 @@ def unet_inputs(unet, batch=2, size=16, seed=0):
     sample = torch.randn(batch, 9, size, size, generator=gen)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(batch, pooled, generator=gen),
-             "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * batch)}
+    added = {
+        "text_embeds": torch.randn(batch, pooled, generator=gen),
+        "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * batch),
+    }
     mask = torch.zeros(1, 1, size, size)
     mask[..., 3:11, 5:14] = 1
     return sample, text, added, mask
@@ -66,8 +68,13 @@ def forward(unet, image_embeds=None, **cross_attention_kwargs):
     if image_embeds is not None:
         added = dict(added, image_embeds=image_embeds)
     with torch.no_grad():
-        return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added,
-                    cross_attention_kwargs=cross_attention_kwargs or None).sample
+        return unet(
+            sample,
+            500,
+            encoder_hidden_states=text,
+            added_cond_kwargs=added,
+            cross_attention_kwargs=cross_attention_kwargs or None,
+        ).sample
 
 
 def adapter_kwargs(unet):
@@ -75,8 +82,9 @@ def adapter_kwargs(unet):
     sample, text, added, mask = unet_inputs(unet, seed=5)
     bank = ReferenceBank()
     with torch.no_grad(), bank.record():
-        unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added,
-             cross_attention_kwargs={"rpa_bank": bank})
+        unet(
+            sample, 500, encoder_hidden_states=text, added_cond_kwargs=added, cross_attention_kwargs={"rpa_bank": bank}
+        )
     return {"dca_mask": mask, "rpa_bank": bank}
 
 
@@ -101,8 +109,9 @@ def test_attention_slicing_keeps_the_adapters_and_their_result(pipe, slice_size,
     processors = dict(adapter_processors(pipe.unet))
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
     forward(pipe.unet, **kwargs)
     unsliced_calls = len(calls)
 
@@ -145,9 +154,14 @@ def replace_by_fusing(unet):
     unet.fuse_qkv_projections()
 
 
-@pytest.mark.parametrize("replace, culprit", [(replace_with_stock, "AttnProcessor2_0"),
-                                              (replace_with_slices, "SlicedAttnProcessor"),
-                                              (replace_by_fusing, "FusedAttnProcessor2_0")])
+@pytest.mark.parametrize(
+    "replace, culprit",
+    [
+        (replace_with_stock, "AttnProcessor2_0"),
+        (replace_with_slices, "SlicedAttnProcessor"),
+        (replace_by_fusing, "FusedAttnProcessor2_0"),
+    ],
+)
 def test_a_replaced_adapter_is_refused_and_restored_bit_identically(pipe, replace, culprit):
     kwargs = adapter_kwargs(pipe.unet)
     expected = forward(pipe.unet, **kwargs)
@@ -234,13 +248,23 @@ def make_ip_adapter(folder, unet, seed=0):
     gen = torch.Generator().manual_seed(seed)
     sub = folder / "ip"
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=IMAGE_EMBED_DIM)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=IMAGE_EMBED_DIM,
+    )
     CLIPVisionModelWithProjection(config).save_pretrained(sub / "image_encoder")
     cross = unet.config.cross_attention_dim
-    state = {"image_proj.proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM, generator=gen) * 0.3,
-             "image_proj.proj.bias": torch.randn(4 * cross, generator=gen) * 0.1,
-             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    state = {
+        "image_proj.proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM, generator=gen) * 0.3,
+        "image_proj.proj.bias": torch.randn(4 * cross, generator=gen) * 0.1,
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
     key_id = 1  # diffusers numbers the cross-attention layers 1, 3, 5, ... in attn_processors order
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):
@@ -353,8 +377,16 @@ def test_a_unet_with_ip_adapter_processors_keeps_them_and_the_stock_call_agrees(
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = PIL.Image.fromarray(((np.arange(64)[None, :] > 30) * np.ones((64, 1)) * 255).astype(np.uint8))
-    call = dict(prompt="a red ball", image=image, mask_image=mask, ip_adapter_image=image, height=64, width=64,
-                num_inference_steps=2, output_type="latent")
+    call = dict(
+        prompt="a red ball",
+        image=image,
+        mask_image=mask,
+        ip_adapter_image=image,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="latent",
+    )
     expected = stock(**call, generator=torch.Generator().manual_seed(0)).images
     unet_expected = forward(stock.unet, image_embeds())
 
@@ -426,5 +458,7 @@ def test_adapter_file_round_trip_is_unchanged_with_an_ip_adapter_loaded(pipe, tm
             p.zero_()
     load_adapter(path, pipe.unet)
     assert_same_state(adapter_state_dict(pipe.unet), state)
-    assert {type(p) for p in adapter_processors(pipe.unet).values()} == {DualContextAttnProcessor,
-                                                                        ReferencePatchAttnProcessor}
+    assert {type(p) for p in adapter_processors(pipe.unet).values()} == {
+        DualContextAttnProcessor,
+        ReferencePatchAttnProcessor,
+    }

@@ -45,8 +45,10 @@ def unet_inputs(unet, seed=0, size=16, batch=2):
     sample = torch.randn(batch, 9, size, size, generator=gen)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
     pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(batch, pooled_dim, generator=gen),
-             "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * batch)}
+    added = {
+        "text_embeds": torch.randn(batch, pooled_dim, generator=gen),
+        "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * batch),
+    }
     mask = torch.zeros(1, 1, size, size)
     mask[..., 3:11, 5:14] = 1
     return sample, text, added, mask
@@ -70,8 +72,9 @@ def test_untrained_dca_leaves_unet_output_unchanged(unets):
     sample, text, added, mask = unet_inputs(stock)
     with torch.no_grad():
         ref = stock(sample, 500, text, added_cond_kwargs=added).sample
-        out = adapted(sample, 500, text, added_cond_kwargs=added,
-                      cross_attention_kwargs={"dca_mask": mask, "dca_scale": 1.0}).sample
+        out = adapted(
+            sample, 500, text, added_cond_kwargs=added, cross_attention_kwargs={"dca_mask": mask, "dca_scale": 1.0}
+        ).sample
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -82,10 +85,12 @@ def test_trained_dca_changes_unet_output_and_scale_zero_restores_it(unets):
     sample, text, added, mask = unet_inputs(stock)
     with torch.no_grad():
         ref = stock(sample, 500, text, added_cond_kwargs=added).sample
-        on = adapted(sample, 500, text, added_cond_kwargs=added,
-                     cross_attention_kwargs={"dca_mask": mask, "dca_scale": 1.0}).sample
-        off = adapted(sample, 500, text, added_cond_kwargs=added,
-                      cross_attention_kwargs={"dca_mask": mask, "dca_scale": 0.0}).sample
+        on = adapted(
+            sample, 500, text, added_cond_kwargs=added, cross_attention_kwargs={"dca_mask": mask, "dca_scale": 1.0}
+        ).sample
+        off = adapted(
+            sample, 500, text, added_cond_kwargs=added, cross_attention_kwargs={"dca_mask": mask, "dca_scale": 0.0}
+        ).sample
     assert (on - ref).abs().max() > 1e-3
     assert (off - ref).abs().max() < 1e-5
 
@@ -104,8 +109,8 @@ def test_dca_processor_matches_method_equations():
 
     m = mask.flatten(2).transpose(1, 2)  # (1, N, 1)
     q, k, v = attn.to_q(z), attn.to_k(c), attn.to_v(c)
-    z_text = attention(q, k, v, 4)                                    # Z
-    z_ctx = attention(proc.to_q_ctx(z * (1 - m)), k, v, 4)            # Z'
+    z_text = attention(q, k, v, 4)  # Z
+    z_ctx = attention(proc.to_q_ctx(z * (1 - m)), k, v, 4)  # Z'
     z_dual = attention(q, proc.to_k_ctx(z_ctx), proc.to_v_ctx(z_ctx), 4)  # Z''
     expected = attn.to_out[0](z_text + 0.7 * z_dual)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
@@ -135,6 +140,7 @@ def make_rpa_layer(seed=0):
 
 def joint_sdpa(q, k, v, heads):
     """Plain SDPA of (B, N, D) tensors over `heads` heads: the reference implementation."""
+
     def split(x):
         return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
@@ -178,11 +184,12 @@ def test_rpa_with_trained_weights_matches_the_gated_mix():
 
     q, k, v = split(attn.to_q(z)), split(attn.to_k(z)), split(attn.to_v(z))
     k_r, v_r = split(proc.to_k_ref(r)).expand(2, -1, -1, -1), split(proc.to_v_ref(r)).expand(2, -1, -1, -1)
-    logits, logits_r = q @ k.transpose(-1, -2) / 8 ** 0.5, q @ k_r.transpose(-1, -2) / 8 ** 0.5
+    logits, logits_r = q @ k.transpose(-1, -2) / 8**0.5, q @ k_r.transpose(-1, -2) / 8**0.5
     z_own, z_ref = logits.softmax(-1) @ v, logits_r.softmax(-1) @ v_r
     d = proc.gate(z).transpose(1, 2).unsqueeze(-1)  # (B, h, N, 1)
-    share = torch.sigmoid(logits_r.logsumexp(-1, keepdim=True) - logits.logsumexp(-1, keepdim=True) + d
-                          + torch.log(torch.tensor(0.5)))
+    share = torch.sigmoid(
+        logits_r.logsumexp(-1, keepdim=True) - logits.logsumexp(-1, keepdim=True) + d + torch.log(torch.tensor(0.5))
+    )
     mixed = ((1 - share) * z_own + share * z_ref).transpose(1, 2).reshape(2, 20, 32)
     torch.testing.assert_close(out, attn.to_out[0](mixed), atol=1e-5, rtol=1e-4)
 
@@ -205,15 +212,26 @@ def test_rpa_scale_zero_equals_no_rpa_and_reference_matters(unets):
         bank = ReferenceBank()
         reference, *_ = unet_inputs(stock, seed=seed, batch=1)
         with torch.no_grad(), bank.record():
-            adapted(reference, 1, text[:1], added_cond_kwargs={k: v[:1] for k, v in added.items()},
-                    cross_attention_kwargs={"rpa_bank": bank})
+            adapted(
+                reference,
+                1,
+                text[:1],
+                added_cond_kwargs={k: v[:1] for k, v in added.items()},
+                cross_attention_kwargs={"rpa_bank": bank},
+            )
         banks.append(bank)
     assert len(banks[0].features) == len(adapter_processors(adapted, ["rpa"]))
     with torch.no_grad():
         ref = stock(sample, 500, text, added_cond_kwargs=added).sample
+
         def run(bank, scale):
-            return adapted(sample, 500, text, added_cond_kwargs=added,
-                           cross_attention_kwargs={"rpa_bank": bank, "rpa_scale": scale}).sample
+            return adapted(
+                sample,
+                500,
+                text,
+                added_cond_kwargs=added,
+                cross_attention_kwargs={"rpa_bank": bank, "rpa_scale": scale},
+            ).sample
 
         off, on_1, on_2 = run(banks[0], 0.0), run(banks[0], 1.0), run(banks[1], 1.0)
     assert (off - ref).abs().max() < 1e-5
@@ -285,6 +303,8 @@ def test_rpa_of_the_first_format_is_refused(tmp_path):
     install_adapters(unet)
     path = save_adapter(tmp_path / "adapter.safetensors", unet)
     meta = {**read_manifest(path), "format_version": 1}
-    save_file(load_file(str(path)), str(tmp_path / "v1.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()})
+    save_file(
+        load_file(str(path)), str(tmp_path / "v1.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()}
+    )
     with pytest.raises(AdapterLoadError, match="retrain stage 2"):
         load_adapter(tmp_path / "v1.safetensors", unet)

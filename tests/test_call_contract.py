@@ -48,8 +48,10 @@ def test_a_list_of_prompts_gives_one_result_each_equal_to_single_calls(pipe, gui
     image, mask = inputs()
     kwargs = dict(image=image, mask_image=mask, guidance_scale=guidance_scale, **FAST)
     batch = pipe(prompt=["a red star", "a blue circle"], generator=[seeded(1), seeded(2)], **kwargs).arrays
-    single = [pipe(prompt="a red star", generator=seeded(1), **kwargs).arrays[0],
-              pipe(prompt="a blue circle", generator=seeded(2), **kwargs).arrays[0]]
+    single = [
+        pipe(prompt="a red star", generator=seeded(1), **kwargs).arrays[0],
+        pipe(prompt="a blue circle", generator=seeded(2), **kwargs).arrays[0],
+    ]
     assert len(batch) == 2
     for got, want in zip(batch, single, strict=True):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
@@ -60,8 +62,15 @@ def test_a_list_of_prompts_gives_one_result_each_equal_to_single_calls(pipe, gui
 def test_lists_of_images_and_masks_and_per_image_generators(pipe):
     (a, mask_a), (b, _) = inputs(1), inputs(2)
     mask_b = box_mask(SIZE, SIZE, 0, 0, 50, 60)
-    out = pipe(prompt=["x", "y"], image=[a, b], mask_image=[mask_a, mask_b], num_images_per_prompt=2,
-               generator=[seeded(i) for i in range(4)], guidance_scale=1.0, **FAST)
+    out = pipe(
+        prompt=["x", "y"],
+        image=[a, b],
+        mask_image=[mask_a, mask_b],
+        num_images_per_prompt=2,
+        generator=[seeded(i) for i in range(4)],
+        guidance_scale=1.0,
+        **FAST,
+    )
     assert len(out.arrays) == 4 and len(out.plans) == 2
     assert outside_equal(out.arrays[0], a, mask_a) and outside_equal(out.arrays[1], a, mask_a)
     assert outside_equal(out.arrays[2], b, mask_b) and outside_equal(out.arrays[3], b, mask_b)
@@ -80,8 +89,15 @@ def test_tensors_and_float_arrays_are_taken_and_kept_exactly_outside_the_mask(pi
     from_uint8 = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=1.0, **FAST)
     signed = tensor[None] * 2 - 1  # diffusers' [-1, 1] convention, as a batch of one
     for source, exact in ((floats, True), (tensor, True), (signed, False)):
-        out = pipe(prompt="x", image=source, mask_image=mask_tensor, generator=seeded(0), guidance_scale=1.0,
-                   output_type="np", **FAST)
+        out = pipe(
+            prompt="x",
+            image=source,
+            mask_image=mask_tensor,
+            generator=seeded(0),
+            guidance_scale=1.0,
+            output_type="np",
+            **FAST,
+        )
         result = out.arrays[0]
         assert result.dtype == np.float32
         if exact:  # the caller's own floats, to the bit
@@ -105,18 +121,25 @@ def test_output_types(pipe):
     assert np.array_equal(np.asarray(as_pil[0]), np.rint(as_np[0] * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="latent"):
         pipe(output_type="latent", **kwargs)
-    images, = pipe(return_dict=False, **kwargs)
+    (images,) = pipe(return_dict=False, **kwargs)
     assert len(images) == 2
 
 
 def test_prompt_embeddings_give_the_prompts_result(pipe):
     image, mask = inputs()
-    embeds, neg, pooled, neg_pooled = pipe.encode_prompt("a red star", device="cpu", num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=True, negative_prompt="blur")
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+        "a red star", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt="blur"
+    )
     kwargs = dict(image=image, mask_image=mask, guidance_scale=5.0, **FAST)
     by_text = pipe(prompt="a red star", negative_prompt="blur", generator=seeded(4), **kwargs).arrays[0]
-    by_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
-                     negative_pooled_prompt_embeds=neg_pooled, generator=seeded(4), **kwargs).arrays[0]
+    by_embeds = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=neg,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=neg_pooled,
+        generator=seeded(4),
+        **kwargs,
+    ).arrays[0]
     assert np.array_equal(by_text, by_embeds)
     with pytest.raises(ValueError, match="prompt or prompt_embeds"):
         pipe(prompt="x", prompt_embeds=embeds, pooled_prompt_embeds=pooled, **kwargs)
@@ -137,34 +160,71 @@ def test_callback_on_step_end_is_called_in_every_stage_and_can_change_latents(pi
 
     def callback(p, step, t, kwargs):
         assert p is pipe and step < p.num_timesteps
-        seen.append((kwargs["stage"], kwargs["patch_group"], kwargs["image_index"], step, tuple(kwargs["latents"].shape),
-                     kwargs["mask"].shape[1]))
+        seen.append(
+            (
+                kwargs["stage"],
+                kwargs["patch_group"],
+                kwargs["image_index"],
+                step,
+                tuple(kwargs["latents"].shape),
+                kwargs["mask"].shape[1],
+            )
+        )
         return {"latents": kwargs["latents"]}
 
-    out = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=1.0,
-               callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "mask"], **FAST)
+    out = pipe(
+        prompt="x",
+        image=image,
+        mask_image=mask,
+        generator=seeded(0),
+        guidance_scale=1.0,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "mask"],
+        **FAST,
+    )
     plan = out.plan
     stage1 = [s for s in seen if s[0] == 1]
     stage2 = [s for s in seen if s[0] == 2]
     assert len(stage1) == plan.stage1_steps and all(s[1] is None for s in stage1)
-    assert len(stage2) == plan.stage2_steps * len(plan.groups) and {s[1] for s in stage2} == set(range(len(plan.groups)))
+    assert len(stage2) == plan.stage2_steps * len(plan.groups) and {s[1] for s in stage2} == set(
+        range(len(plan.groups))
+    )
 
     def zero(p, step, t, kwargs):  # a callback that changes the latents changes the result
         return {"latents": torch.zeros_like(kwargs["latents"])} if kwargs["stage"] == 2 else {}
 
-    changed = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=1.0,
-                   callback_on_step_end=zero, **FAST).arrays[0]
+    changed = pipe(
+        prompt="x",
+        image=image,
+        mask_image=mask,
+        generator=seeded(0),
+        guidance_scale=1.0,
+        callback_on_step_end=zero,
+        **FAST,
+    ).arrays[0]
     assert not np.array_equal(changed, out.arrays[0]) and outside_equal(changed, image, mask)
 
     def swap_embeds(p, step, t, kwargs):
         return {"prompt_embeds": kwargs["prompt_embeds"] * 0}
 
     with pytest.raises(ValueError, match="only 'latents'"):
-        pipe(prompt="x", image=image, mask_image=mask, callback_on_step_end=swap_embeds,
-             callback_on_step_end_tensor_inputs=["prompt_embeds"], **FAST)
+        pipe(
+            prompt="x",
+            image=image,
+            mask_image=mask,
+            callback_on_step_end=swap_embeds,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+            **FAST,
+        )
     with pytest.raises(ValueError, match="not available"):
-        pipe(prompt="x", image=image, mask_image=mask, callback_on_step_end=callback,
-             callback_on_step_end_tensor_inputs=["add_neg_time_ids"], **FAST)
+        pipe(
+            prompt="x",
+            image=image,
+            mask_image=mask,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["add_neg_time_ids"],
+            **FAST,
+        )
 
 
 def test_a_callback_can_interrupt(pipe):
@@ -176,8 +236,17 @@ def test_a_callback_can_interrupt(pipe):
         p._interrupt = True
         return {}
 
-    out = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=1.0,
-               callback_on_step_end=stop, num_inference_steps=4, strength=1.0, refine_steps=4)
+    out = pipe(
+        prompt="x",
+        image=image,
+        mask_image=mask,
+        generator=seeded(0),
+        guidance_scale=1.0,
+        callback_on_step_end=stop,
+        num_inference_steps=4,
+        strength=1.0,
+        refine_steps=4,
+    )
     assert calls == [1] and pipe.interrupt  # stopped after the first step, before stage 2
     assert outside_equal(out.arrays[0], image, mask) and not np.array_equal(out.arrays[0][mask], image[mask])
     again = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=1.0, **FAST)
@@ -225,8 +294,12 @@ def test_guidance_rescale_eta_micro_conditioning_and_clip_skip_reach_the_run(pip
     image, mask = inputs()
     kwargs = dict(prompt="a red star", image=image, mask_image=mask, guidance_scale=5.0, **FAST)
     base = pipe(generator=seeded(0), **kwargs).arrays[0]
-    for extra in (dict(guidance_rescale=0.7), dict(original_size=(1024, 1024)), dict(crops_coords_top_left=(64, 0)),
-                  dict(clip_skip=1)):
+    for extra in (
+        dict(guidance_rescale=0.7),
+        dict(original_size=(1024, 1024)),
+        dict(crops_coords_top_left=(64, 0)),
+        dict(clip_skip=1),
+    ):
         changed = pipe(generator=seeded(0), **kwargs, **extra).arrays[0]
         assert not np.array_equal(changed, base), extra
         assert outside_equal(changed, image, mask)
@@ -240,18 +313,33 @@ def test_custom_timesteps_drive_the_whole_image_pass(pipe):
     image, mask = inputs()
     kwargs = dict(prompt="x", image=image, mask_image=mask, guidance_scale=1.0, strength=1.0, refine_steps=2)
     seen = []
-    pipe(generator=seeded(0), timesteps=[999, 600, 300], callback_on_step_end=lambda p, i, t, k: seen.append(
-        (k["stage"], int(t))) or {}, **kwargs)
+    pipe(
+        generator=seeded(0),
+        timesteps=[999, 600, 300],
+        callback_on_step_end=lambda p, i, t, k: seen.append((k["stage"], int(t))) or {},
+        **kwargs,
+    )
     assert [t for stage, t in seen if stage == 1] == [999, 600, 300]
 
 
 def test_settings_object_and_keywords_are_one_thing(pipe):
     image, mask = inputs()
-    settings = InpaintSettings(num_inference_steps=2, strength=1.0, refine_steps=2, guidance_scale=1.0,
-                               rpa_scale=0.5, mask_dilation=4)
+    settings = InpaintSettings(
+        num_inference_steps=2, strength=1.0, refine_steps=2, guidance_scale=1.0, rpa_scale=0.5, mask_dilation=4
+    )
     a = pipe(prompt="x", image=image, mask_image=mask, settings=settings, generator=seeded(0))
-    b = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), num_inference_steps=2, strength=1.0,
-             refine_steps=2, guidance_scale=1.0, rpa_scale=0.5, mask_dilation=4)
+    b = pipe(
+        prompt="x",
+        image=image,
+        mask_image=mask,
+        generator=seeded(0),
+        num_inference_steps=2,
+        strength=1.0,
+        refine_steps=2,
+        guidance_scale=1.0,
+        rpa_scale=0.5,
+        mask_dilation=4,
+    )
     assert np.array_equal(a.arrays[0], b.arrays[0])
     assert a.plan.settings == settings.resolved(pipe.native_size) == pipe.plan(image, mask, settings).settings
     with pytest.raises(ValueError, match="not both"):
@@ -275,8 +363,9 @@ def test_ip_adapter_images_condition_every_stage(tmp_path):
     kwargs = dict(prompt="x", image=image, mask_image=mask, ip_adapter_image=picture, guidance_scale=5.0, **FAST)
     seen = []
     pipe.set_ip_adapter_scale(1.0)
-    a = pipe(generator=seeded(0), callback_on_step_end=lambda p, i, t, k: seen.append(k["stage"]) or {},
-             **kwargs).arrays[0]
+    a = pipe(
+        generator=seeded(0), callback_on_step_end=lambda p, i, t, k: seen.append(k["stage"]) or {}, **kwargs
+    ).arrays[0]
     pipe.set_ip_adapter_scale(0.0)
     b = pipe(generator=seeded(0), **kwargs).arrays[0]
     assert {1, 2} <= set(seen)
@@ -294,8 +383,9 @@ def test_lora_scale_reaches_the_unet_beside_the_adapters():
     kwargs = dict(prompt="x", image=image, mask_image=mask, guidance_scale=1.0, **FAST)
     plain = pipe(generator=seeded(0), **kwargs).arrays[0]
     torch.manual_seed(0)
-    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                          init_lora_weights=False))
+    pipe.unet.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
     pipe.check_adapters()  # a LoRA does not replace Patch-Adapter's processors
     off = pipe(generator=seeded(0), cross_attention_kwargs={"scale": 0.0}, **kwargs).arrays[0]
     on = pipe(generator=seeded(0), cross_attention_kwargs={"scale": 1.0}, **kwargs).arrays[0]
@@ -312,8 +402,10 @@ def test_a_guidance_distilled_unet_gets_its_timestep_condition():
     pipe = PatchAdapterPipeline(**(tiny.components | {"unet": unet}))
     pipe.set_progress_bar_config(disable=True)
     seen = []
-    unet.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("timestep_cond"))
-                                   if args[0].device.type != "meta" else None, with_kwargs=True)  # not the estimate
+    unet.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw.get("timestep_cond")) if args[0].device.type != "meta" else None,
+        with_kwargs=True,
+    )  # not the estimate
     image, mask = inputs()
     pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=3.0, **FAST)
     assert seen and all(c is not None and c.shape[-1] == 32 for c in seen)
@@ -321,8 +413,7 @@ def test_a_guidance_distilled_unet_gets_its_timestep_condition():
 
 def test_pipeline_state_attributes_like_diffusers(pipe):
     image, mask = inputs()
-    out = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=6.0, clip_skip=1,
-               **FAST)
+    out = pipe(prompt="x", image=image, mask_image=mask, generator=seeded(0), guidance_scale=6.0, clip_skip=1, **FAST)
     assert pipe.guidance_scale == 6.0 and pipe.clip_skip == 1 and pipe.do_classifier_free_guidance
     assert pipe.num_timesteps == out.plan.stage2_steps  # the last stage's, as in diffusers' single loop
     assert pipe.interrupt is False and pipe.cross_attention_kwargs is None

@@ -28,8 +28,21 @@ def files(tmp_path):
 def test_inpaint_writes_result_with_its_parameters(files, capsys):
     folder, image, mask = files
     out = folder / "out" / "result.png"
-    code = main(["inpaint", str(folder / "photo.png"), "--mask", str(folder / "mask.png"), "--prompt", "a bench",
-                 "-o", str(out), "--seed", "3", *FAST])
+    code = main(
+        [
+            "inpaint",
+            str(folder / "photo.png"),
+            "--mask",
+            str(folder / "mask.png"),
+            "--prompt",
+            "a bench",
+            "-o",
+            str(out),
+            "--seed",
+            "3",
+            *FAST,
+        ]
+    )
     assert code == 0
     result = load_image(out).pixels
     assert np.array_equal(result[~mask], image[~mask]) and not np.array_equal(result[mask], image[mask])
@@ -42,18 +55,39 @@ def test_inpaint_writes_result_with_its_parameters(files, capsys):
 def test_output_folder_and_several_images(files):
     folder, image, _ = files
     (folder / "results").mkdir()
-    code = main(["inpaint", str(folder / "photo.png"), "--mask", str(folder / "mask.png"), "-o",
-                 str(folder / "results"), "--num-images", "2", "--method", "resize", *FAST])
+    code = main(
+        [
+            "inpaint",
+            str(folder / "photo.png"),
+            "--mask",
+            str(folder / "mask.png"),
+            "-o",
+            str(folder / "results"),
+            "--num-images",
+            "2",
+            "--method",
+            "resize",
+            *FAST,
+        ]
+    )
     assert code == 0
-    assert sorted(p.name for p in (folder / "results").iterdir()) == ["photo_inpainted_0.png",
-                                                                     "photo_inpainted_1.png"]
+    assert sorted(p.name for p in (folder / "results").iterdir()) == ["photo_inpainted_0.png", "photo_inpainted_1.png"]
 
 
 def test_refuses_to_overwrite_the_input(files, capsys):
     folder, image, _ = files
     before = (folder / "photo.png").read_bytes()
-    code = main(["inpaint", str(folder / "photo.png"), "--mask", str(folder / "mask.png"),
-                 "-o", str(folder / "photo.png"), *FAST])
+    code = main(
+        [
+            "inpaint",
+            str(folder / "photo.png"),
+            "--mask",
+            str(folder / "mask.png"),
+            "-o",
+            str(folder / "photo.png"),
+            *FAST,
+        ]
+    )
     assert code == 2
     assert "refusing to overwrite the input" in capsys.readouterr().err
     assert (folder / "photo.png").read_bytes() == before
@@ -62,8 +96,17 @@ def test_refuses_to_overwrite_the_input(files, capsys):
 def test_mask_of_another_size_is_exit_code_2_naming_both_sizes(files, capsys):
     folder, _, _ = files
     Image.fromarray(np.zeros((100, 100), dtype=np.uint8)).save(folder / "small.png")
-    code = main(["inpaint", str(folder / "photo.png"), "--mask", str(folder / "small.png"), "-o",
-                 str(folder / "out.png"), *FAST])
+    code = main(
+        [
+            "inpaint",
+            str(folder / "photo.png"),
+            "--mask",
+            str(folder / "small.png"),
+            "-o",
+            str(folder / "out.png"),
+            *FAST,
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "100x100" in err and "300x200" in err
@@ -83,9 +126,22 @@ def test_installed_command_prints_the_plan_without_a_model(tmp_path):
     Image.fromarray(image).save(tmp_path / "big.png")
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     command = Path(sys.executable).with_name("patch-adapter")
-    proc = subprocess.run([str(command), "inpaint", str(tmp_path / "big.png"), "--mask", str(tmp_path / "mask.png"),
-                           "--plan", "--steps", "20"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            str(command),
+            "inpaint",
+            str(tmp_path / "big.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--plan",
+            "--steps",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "image: 3840x2160 px" in proc.stdout and "UNet forwards:" in proc.stdout
     assert "patch 0:" in proc.stdout

@@ -54,8 +54,9 @@ def test_alpha_and_metadata_come_back_outside_the_mask(files, suffix):
 
 def test_sixteen_bit_rgba_tiff_stays_sixteen_bit(tmp_path):
     rgba = np.random.default_rng(3).integers(0, 65536, (H, W, 4), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "deep.tif", np.moveaxis(rgba, 2, 0), photometric="rgb",
-                     extrasamples=[2], planarconfig="separate")  # planar: OpenCV's weak spot
+    tifffile.imwrite(
+        tmp_path / "deep.tif", np.moveaxis(rgba, 2, 0), photometric="rgb", extrasamples=[2], planarconfig="separate"
+    )  # planar: OpenCV's weak spot
     mask = box_mask(H, W, 10, 10, 60, 60)
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     out = tmp_path / "out.tif"
@@ -68,34 +69,39 @@ def test_sixteen_bit_rgba_tiff_stays_sixteen_bit(tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Any refusal here must come before the model loads."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the settings were checked")
 
     from patch_adapter.pipeline import PatchAdapterPipeline
+
     monkeypatch.setattr(PatchAdapterPipeline, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-    (["--dca-scale", "nan"], "--dca-scale must be a finite number"),
-    (["--rpa-scale", "nan"], "--rpa-scale must be a finite number"),
-    (["--strength", "nan"], "--strength must be a finite number"),
-    (["--strength", "1.5"], "--strength must be in (0.0, 1.0]"),
-    (["--mask-feather", "20"], "erases the whole fill"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--tile-size", "100"], "--tile-size 100 must be a multiple of 8"),
-    (["--seed", str(2**64)], "seed must be at most"),
-    (["--seed", "-1"], "seed must be at least 0"),
-    (["--device", "cuda:7"], "device 'cuda:7'"),
-    (["--device", "warp-drive"], "unknown device"),
-    (["-o", "{folder}/out.jpg"], "JPEG is lossy"),
-    (["-o", "{folder}/out.bmp"], "extension"),
-    (["-o", "{folder}/locked/out.png"], "permission denied"),
-    (["-o", "{folder}/link.png"], "refusing to overwrite the input"),
-    (["-o", "{folder}/shot.png/out.png"], "is not a folder"),
-    (["-o", "/proc/out.png"], "cannot write into /proc"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--dca-scale", "nan"], "--dca-scale must be a finite number"),
+        (["--rpa-scale", "nan"], "--rpa-scale must be a finite number"),
+        (["--strength", "nan"], "--strength must be a finite number"),
+        (["--strength", "1.5"], "--strength must be in (0.0, 1.0]"),
+        (["--mask-feather", "20"], "erases the whole fill"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--tile-size", "100"], "--tile-size 100 must be a multiple of 8"),
+        (["--seed", str(2**64)], "seed must be at most"),
+        (["--seed", "-1"], "seed must be at least 0"),
+        (["--device", "cuda:7"], "device 'cuda:7'"),
+        (["--device", "warp-drive"], "unknown device"),
+        (["-o", "{folder}/out.jpg"], "JPEG is lossy"),
+        (["-o", "{folder}/out.bmp"], "extension"),
+        (["-o", "{folder}/locked/out.png"], "permission denied"),
+        (["-o", "{folder}/link.png"], "refusing to overwrite the input"),
+        (["-o", "{folder}/shot.png/out.png"], "is not a folder"),
+        (["-o", "/proc/out.png"], "cannot write into /proc"),
+    ],
+)
 def test_bad_settings_and_outputs_are_refused_before_the_model(files, no_model, capsys, args, message):
     folder, *_ = files
     os.link(folder / "shot.png", folder / "link.png")  # a hard link to the input
@@ -162,8 +168,15 @@ def test_pil_inputs_follow_the_rules_of_files(pipe, tmp_path):
         pil.load()
         mask = torch.zeros((W, H), dtype=torch.bool)
         mask[10:40, 20:60] = True
-        out = pipe(prompt=None, image=pil, mask_image=mask, num_inference_steps=2, strength=1.0,
-                   guidance_scale=1.0, generator=seeded(0)).arrays[0]
+        out = pipe(
+            prompt=None,
+            image=pil,
+            mask_image=mask,
+            num_inference_steps=2,
+            strength=1.0,
+            guidance_scale=1.0,
+            generator=seeded(0),
+        ).arrays[0]
     from_path = load_image(tmp_path / "grey16.png").pixels
     keep = ~mask.numpy()
     assert out.dtype == np.uint16 and out.shape == (W, H, 3)

@@ -82,7 +82,7 @@ def test_ssim_map_matches_the_definition_pixel_by_pixel():
     window = np.outer(taps, taps)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     for r, c in [(5, 5), (20, 17), (34, 30)]:
-        a, b = x[r - 5:r + 6, c - 5:c + 6], y[r - 5:r + 6, c - 5:c + 6]
+        a, b = x[r - 5 : r + 6, c - 5 : c + 6], y[r - 5 : r + 6, c - 5 : c + 6]
         mu_a, mu_b = (window * a).sum(), (window * b).sum()
         var_a, var_b = (window * (a - mu_a) ** 2).sum(), (window * (b - mu_b) ** 2).sum()
         cov = (window * (a - mu_a) * (b - mu_b)).sum()
@@ -144,8 +144,9 @@ def test_box_count_and_dilate_match_brute_force():
     binary = np.random.default_rng(1).random((19, 13)) > 0.8
     for radius in (1, 2, 4):
         padded = np.pad(binary, radius)
-        expected = np.array([[padded[r:r + 2 * radius + 1, c:c + 2 * radius + 1].sum() for c in range(13)]
-                             for r in range(19)])
+        expected = np.array(
+            [[padded[r : r + 2 * radius + 1, c : c + 2 * radius + 1].sum() for c in range(13)] for r in range(19)]
+        )
         assert np.array_equal(box_count(binary, radius), expected)
         assert np.array_equal(dilate_mask(binary, radius), expected > 0)
 
@@ -204,8 +205,9 @@ def test_outside_change_is_exact():
     result[0, 0, 1] ^= 1
     result[49, 59] = original[49, 59].astype(int) - np.array([0, 0, 3]) % 256
     changed = outside_change(result, original, mask)
-    assert changed.pixels == 2 and changed.max_abs == max(1.0, float(np.abs(
-        result[49, 59].astype(int) - original[49, 59].astype(int)).max()))
+    assert changed.pixels == 2 and changed.max_abs == max(
+        1.0, float(np.abs(result[49, 59].astype(int) - original[49, 59].astype(int)).max())
+    )
     assert outside_change(original.astype(np.float32) / 255, original.astype(np.float32) / 255, mask) == (0, 0.0)
     with pytest.raises(ValueError):
         outside_change(result[:, :-1], original, mask)

@@ -36,7 +36,9 @@ def upright(plane: np.ndarray, orientation: int) -> np.ndarray:
     """One (H, W) plane as a viewer shows it, turned by Pillow (not by patch_adapter)."""
     if orientation == 1:
         return plane
-    return np.asarray(Image.fromarray(np.ascontiguousarray(plane)).transpose(TRANSPOSE[orientation])).astype(plane.dtype)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(plane)).transpose(TRANSPOSE[orientation])).astype(
+        plane.dtype
+    )
 
 
 def expected(rgb: np.ndarray, alpha: np.ndarray | None, orientation: int):
@@ -167,8 +169,12 @@ def png_file(path, data: np.ndarray, colour_type: int, chunks: bytes = b"", late
 
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunks + chunk(b"IDAT", zlib.compress(raw))
-        + late + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunks
+        + chunk(b"IDAT", zlib.compress(raw))
+        + late
+        + chunk(b"IEND", b"")
     )
 
 
@@ -252,9 +258,12 @@ def test_tiff_tifffile(tmp_path, kind, layout, orientation, dtype):
         options.pop("planarconfig")
     path = tmp_path / "x.tif"
     tifffile.imwrite(
-        path, stored, photometric="minisblack" if channels < 3 else "rgb",
+        path,
+        stored,
+        photometric="minisblack" if channels < 3 else "rgb",
         extrasamples=[2] if channels in (2, 4) else None,
-        extratags=[(0x0112, "H", 1, orientation, True)], **options,
+        extratags=[(0x0112, "H", 1, orientation, True)],
+        **options,
     )
     has_alpha = channels in (2, 4)
     colours = data[:, :, : channels - has_alpha]
@@ -275,11 +284,9 @@ def test_refused_files_name_the_problem(tmp_path):
     deep = [Image.fromarray(np.full((8, 8), v, np.uint16)) for v in (1000, 60000)]
     deep[0].save(tmp_path / "anim16.png", save_all=True, append_images=deep[1:])
     cases["anim16.png"] = "animated PNG"
-    tifffile.imwrite(tmp_path / "premultiplied.tif", values(np.uint8, 8, 8, 4), photometric="rgb",
-                     extrasamples=[1])
+    tifffile.imwrite(tmp_path / "premultiplied.tif", values(np.uint8, 8, 8, 4), photometric="rgb", extrasamples=[1])
     cases["premultiplied.tif"] = "premultiplied"
-    tifffile.imwrite(tmp_path / "unspecified.tif", values(np.uint16, 8, 8, 4), photometric="rgb",
-                     extrasamples=[0])
+    tifffile.imwrite(tmp_path / "unspecified.tif", values(np.uint16, 8, 8, 4), photometric="rgb", extrasamples=[0])
     cases["unspecified.tif"] = "no declared meaning"
     tifffile.imwrite(tmp_path / "float.tif", RNG.random((8, 8, 3), dtype=np.float32), photometric="rgb")
     cases["float.tif"] = "bits per channel|floating"
@@ -296,8 +303,9 @@ def test_cmyk_tiff_matches_pillow_or_is_refused(tmp_path, compression, orientati
     """CMYK goes through Pillow, whose uncompressed TIFF reader scrambles orientations 5-8."""
     cmyk = values(np.uint8, HEIGHT, WIDTH, 4)
     path = tmp_path / "cmyk.tif"
-    tifffile.imwrite(path, cmyk, photometric="separated", compression=compression,
-                     extratags=[(0x0112, "H", 1, orientation, True)])
+    tifffile.imwrite(
+        path, cmyk, photometric="separated", compression=compression, extratags=[(0x0112, "H", 1, orientation, True)]
+    )
     rgb = np.asarray(Image.fromarray(cmyk, "CMYK").convert("RGB"))
     if compression is None and orientation >= 5:
         with pytest.raises(ImageInputError, match="scrambled"):
@@ -321,8 +329,9 @@ def test_damaged_files_are_refused_never_crash(tmp_path, name):
     """Flipped bytes anywhere: a decoded picture or an ImageInputError, never another exception."""
     source = tmp_path / name
     if name == "x.tif":
-        tifffile.imwrite(source, values(np.uint16, HEIGHT, WIDTH, 3), photometric="rgb",
-                         planarconfig="separate", compression="zlib")
+        tifffile.imwrite(
+            source, values(np.uint16, HEIGHT, WIDTH, 3), photometric="rgb", planarconfig="separate", compression="zlib"
+        )
     elif name == "x.png":
         Image.fromarray(values(np.uint8, HEIGHT, WIDTH, 4)).save(source)
     else:

@@ -352,9 +352,7 @@ def test_numpy_masks():
     np.testing.assert_array_equal(load_mask(floats, image), [[False, True, True]])
     bools = np.array([[True, False, True]])
     np.testing.assert_array_equal(load_mask(bools, image), bools)
-    np.testing.assert_array_equal(
-        load_mask(np.array([[127, 128, 0]], np.uint8), image), [[False, True, False]]
-    )
+    np.testing.assert_array_equal(load_mask(np.array([[127, 128, 0]], np.uint8), image), [[False, True, False]])
     with pytest.raises(ImageInputError, match=r"\[0, 1\]"):
         load_mask(np.array([[0.0, 2.0, 1.0]]), image)
     with pytest.raises(ImageInputError, match="astype"):
@@ -441,10 +439,17 @@ def test_save_embeds_icc_profile(tmp_path):
 XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
 
 
-@pytest.mark.parametrize("name, dtype, alpha", [
-    ("8.png", np.uint8, True), ("16.png", np.uint16, True), ("8.webp", np.uint8, True),
-    ("8.jpg", np.uint8, False), ("8.tif", np.uint8, True), ("16.tif", np.uint16, True),
-])
+@pytest.mark.parametrize(
+    "name, dtype, alpha",
+    [
+        ("8.png", np.uint8, True),
+        ("16.png", np.uint16, True),
+        ("8.webp", np.uint8, True),
+        ("8.jpg", np.uint8, False),
+        ("8.tif", np.uint8, True),
+        ("16.tif", np.uint16, True),
+    ],
+)
 def test_icc_exif_xmp_and_alpha_survive_a_round_trip(tmp_path, name, dtype, alpha):
     """The source's metadata goes back out, its orientation reset (the pixels are upright)."""
     from PIL import ImageCms
@@ -462,8 +467,9 @@ def test_icc_exif_xmp_and_alpha_survive_a_round_trip(tmp_path, name, dtype, alph
     channels = loaded_source.channels
     if alpha:
         channels = np.dstack([loaded_source.pixels, random_rgb(10, 6, dtype)[:, :, 0]])
-    save_image(tmp_path / name, channels, icc_profile=loaded_source.icc_profile,
-               exif=loaded_source.exif, xmp=loaded_source.xmp)
+    save_image(
+        tmp_path / name, channels, icc_profile=loaded_source.icc_profile, exif=loaded_source.exif, xmp=loaded_source.xmp
+    )
     with Image.open(tmp_path / name) as written:  # Pillow's reading, not ours
         written_exif = written.getexif()
     result = load_image(tmp_path / name)
@@ -625,8 +631,10 @@ def test_a_grey_or_cmyk_profile_is_not_carried_onto_rgb_pixels(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_xmp_orientation_is_reset_with_the_pixels_upright(tmp_path, dtype):
-    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6" '
-           b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/"/></x:xmpmeta>')
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6" '
+        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/"/></x:xmpmeta>'
+    )
     exif = Image.Exif()
     exif[0x0112] = 6
     pixels = random_rgb(4, 6, dtype)

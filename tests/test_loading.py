@@ -47,8 +47,15 @@ def stock_inpaint(pipe):
     size = 128
     image = PIL.Image.fromarray(random_image(size, size, seed=4))
     mask = PIL.Image.fromarray(box_mask(size, size, 30, 20, 100, 90).astype(np.uint8) * 255)
-    out = pipe(prompt="a red ball", image=image, mask_image=mask, num_inference_steps=3, guidance_scale=3.0,
-               generator=seeded(1), output_type="np").images[0]
+    out = pipe(
+        prompt="a red ball",
+        image=image,
+        mask_image=mask,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=seeded(1),
+        output_type="np",
+    ).images[0]
     return out
 
 
@@ -135,19 +142,35 @@ def test_generic_diffusers_loaders_give_the_stock_backbone(loader, where, saved,
 def test_from_pretrained_takes_diffusers_keywords(trained, tmp_path):
     scheduler = DDIMScheduler.from_config(trained.scheduler.config)
     pipe = PatchAdapterPipeline.from_pretrained(
-        "tiny", device="cpu", use_safetensors=True, low_cpu_mem_usage=True, revision="main",
-        cache_dir=str(tmp_path), token=None, variant=None, local_files_only=True, scheduler=scheduler,
+        "tiny",
+        device="cpu",
+        use_safetensors=True,
+        low_cpu_mem_usage=True,
+        revision="main",
+        cache_dir=str(tmp_path),
+        token=None,
+        variant=None,
+        local_files_only=True,
+        scheduler=scheduler,
         torch_dtype={"unet": torch.bfloat16, "default": torch.float32},
     )
     assert pipe.scheduler is scheduler
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
     assert pipe.text_encoder.dtype == torch.float32
     assert {p.dtype for p in adapter_state_dict(pipe.unet).values()} == {torch.bfloat16}
-    assert same_state({k: v.float() for k, v in adapter_state_dict(pipe.unet).items()},
-                      {k: v.to(torch.bfloat16).float() for k, v in adapter_state_dict(trained.unet).items()})
+    assert same_state(
+        {k: v.float() for k, v in adapter_state_dict(pipe.unet).items()},
+        {k: v.to(torch.bfloat16).float() for k, v in adapter_state_dict(trained.unet).items()},
+    )
     assert PatchAdapterPipeline.from_pretrained("tiny", device="cpu", dtype="fp16").vae.dtype == torch.float16
-    assert type(PatchAdapterPipeline.from_pretrained("tiny", device="cpu", scheduler="ddim",
-                                                     low_cpu_mem_usage=False).scheduler) is DDIMScheduler
+    assert (
+        type(
+            PatchAdapterPipeline.from_pretrained(
+                "tiny", device="cpu", scheduler="ddim", low_cpu_mem_usage=False
+            ).scheduler
+        )
+        is DDIMScheduler
+    )
 
 
 def test_component_override_is_used(trained):
@@ -212,8 +235,9 @@ def test_sources_fail_with_what_to_do(tmp_path):
     with pytest.raises(BackboneLoadError, match="single-file checkpoint"):
         PatchAdapterPipeline.from_pretrained(tmp_path / "broken.safetensors", local_files_only=True)
     with pytest.raises(BackboneLoadError, match="single-file checkpoint"):
-        PatchAdapterPipeline.from_single_file(str(tmp_path / "broken.safetensors"), local_files_only=True,
-                                              scheduler=DDIMScheduler())
+        PatchAdapterPipeline.from_single_file(
+            str(tmp_path / "broken.safetensors"), local_files_only=True, scheduler=DDIMScheduler()
+        )
     with pytest.raises(TypeError, match="bogus"):
         PatchAdapterPipeline.from_pretrained(tmp_path / "broken.safetensors", bogus=1)
     with pytest.raises(BackboneLoadError, match="neither 'tiny'"):
@@ -242,8 +266,9 @@ def hub_cache(tmp_path, folder, repo="someone/tiny-inpaint", with_adapter=True):
 
 def test_hub_id_loads_the_repo_adapter_file_from_the_cache(trained, saved, tmp_path):
     cache = hub_cache(tmp_path, saved)
-    pipe = PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu",
-                                                    local_files_only=True)
+    pipe = PatchAdapterPipeline.from_pretrained(
+        "someone/tiny-inpaint", cache_dir=str(cache), device="cpu", local_files_only=True
+    )
     assert same_state(adapter_state_dict(pipe.unet), adapter_state_dict(trained.unet))
     assert pipe.backbone_name == "someone/tiny-inpaint"
 
@@ -251,13 +276,15 @@ def test_hub_id_loads_the_repo_adapter_file_from_the_cache(trained, saved, tmp_p
 def test_hub_id_without_a_cached_adapter_file_says_so(trained, saved, tmp_path):
     cache = hub_cache(tmp_path, saved, with_adapter=False)
     with pytest.warns(UserWarning, match="initial weights"):
-        pipe = PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu",
-                                                    local_files_only=True)
+        pipe = PatchAdapterPipeline.from_pretrained(
+            "someone/tiny-inpaint", cache_dir=str(cache), device="cpu", local_files_only=True
+        )
     assert same_state(adapter_state_dict(pipe.unet), initial_state(trained))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # adapter=False: none wanted, nothing to say
-        PatchAdapterPipeline.from_pretrained("someone/tiny-inpaint", cache_dir=str(cache), device="cpu",
-                                             adapter=False, local_files_only=True)
+        PatchAdapterPipeline.from_pretrained(
+            "someone/tiny-inpaint", cache_dir=str(cache), device="cpu", adapter=False, local_files_only=True
+        )
 
 
 # --------------------------------------------------------------------------- from_pipe
@@ -270,8 +297,9 @@ def test_from_pipe_of_a_stock_pipeline_shares_and_installs_adapters(trained, sav
     assert type(pipe) is PatchAdapterPipeline
     assert all(pipe.components[k] is v for k, v in components.items())
     assert same_state(adapter_state_dict(pipe.unet), initial_state(trained))  # no adapter file given
-    with_file = PatchAdapterPipeline.from_pipe(StableDiffusionXLInpaintPipeline.from_pretrained(saved),
-                                               adapter=saved / BUNDLED_ADAPTER_FILE, scheduler="ddim")
+    with_file = PatchAdapterPipeline.from_pipe(
+        StableDiffusionXLInpaintPipeline.from_pretrained(saved), adapter=saved / BUNDLED_ADAPTER_FILE, scheduler="ddim"
+    )
     assert same_state(adapter_state_dict(with_file.unet), adapter_state_dict(trained.unet))
     assert type(with_file.scheduler) is DDIMScheduler
     with_file.set_progress_bar_config(disable=True)

@@ -54,7 +54,7 @@ def test_kinds_differ_in_shape():
     rng = np.random.default_rng(0)
     box = boxes(rng, 128, 128)
     rows, cols = np.nonzero(box)
-    assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].mean() > 0.3
+    assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].mean() > 0.3
     strokes = brush_strokes(np.random.default_rng(1), 128, 128)
     assert 0 < strokes.mean() < 0.5
 
@@ -102,7 +102,7 @@ def brute_dilate(mask, radius):
     height, width = mask.shape
     out = np.zeros_like(mask)
     for r, c in zip(*np.nonzero(mask), strict=True):
-        out[max(0, r - radius): r + radius + 1, max(0, c - radius): c + radius + 1] = True
+        out[max(0, r - radius) : r + radius + 1, max(0, c - radius) : c + radius + 1] = True
     assert out.shape == (height, width)
     return out
 
@@ -148,8 +148,15 @@ def test_dilation_of_an_empty_mask_is_empty():
 
 def brute_latent(mask, factor):
     height, width = mask.shape
-    return np.array([[mask[r * factor:(r + 1) * factor, c * factor:(c + 1) * factor].any()
-                      for c in range(-(-width // factor))] for r in range(-(-height // factor))])
+    return np.array(
+        [
+            [
+                mask[r * factor : (r + 1) * factor, c * factor : (c + 1) * factor].any()
+                for c in range(-(-width // factor))
+            ]
+            for r in range(-(-height // factor))
+        ]
+    )
 
 
 @pytest.mark.parametrize("factor", [1, 2, 8])
@@ -201,4 +208,4 @@ def test_feather_stays_inside_the_mask():
     assert (alpha[~mask] == 0).all()
     assert alpha.max() == pytest.approx(1.0) and (alpha[mask] > 0).all()
     box = mask_bbox(mask)
-    np.testing.assert_allclose(feather_alpha_at(mask, box, 4), alpha[box[0]:box[2], box[1]:box[3]], atol=1e-6)
+    np.testing.assert_allclose(feather_alpha_at(mask, box, 4), alpha[box[0] : box[2], box[1] : box[3]], atol=1e-6)

@@ -15,8 +15,9 @@ def measured_peak(fn) -> int:
     """Peak bytes of CPU tensors alive at once during fn(), from torch's allocator (via the profiler)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for event in events:
         live += event.nbytes()
@@ -25,8 +26,9 @@ def measured_peak(fn) -> int:
 
 
 def run(pipe, image, mask, **kwargs):
-    settings = dict(prompt="a red star", image=image, mask_image=mask, num_inference_steps=4, refine_steps=2,
-                    generator=seeded(0))
+    settings = dict(
+        prompt="a red star", image=image, mask_image=mask, num_inference_steps=4, refine_steps=2, generator=seeded(0)
+    )
     return pipe(**{**settings, **kwargs})
 
 
@@ -82,10 +84,12 @@ def test_other_errors_are_not_retried(pipe, monkeypatch):
 
 PLANS = {  # three very different plans: one whole-image pass; many patches, banks kept; recorded per call
     "stage 1 only": dict(size=(128, 112), box=(20, 20, 90, 80), method="patch-adapter", batch=1, banks="device"),
-    "patches, banks kept": dict(size=(512, 384), box=(40, 40, 340, 460), method="patch-adapter", batch=4,
-                                banks="device"),
-    "patches, banks recorded per call": dict(size=(640, 640), box=(100, 80, 540, 560), method="patch-adapter",
-                                             batch=2, banks="recompute"),
+    "patches, banks kept": dict(
+        size=(512, 384), box=(40, 40, 340, 460), method="patch-adapter", batch=4, banks="device"
+    ),
+    "patches, banks recorded per call": dict(
+        size=(640, 640), box=(100, 80, 540, 560), method="patch-adapter", batch=2, banks="recompute"
+    ),
 }
 
 
@@ -127,6 +131,7 @@ def test_the_budget_picks_the_batch_then_the_placement(pipe, monkeypatch):
     plan = pipe.plan(image, mask, num_inference_steps=4, max_memory=2**40)
     patches = len(plan.tiles)
     assert patches >= 16
+
     def choose(budget, cap=None):
         return memory.stage2_settings(pipe, plan, budget, cap, device="cuda")[:2]
 

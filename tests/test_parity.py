@@ -22,17 +22,26 @@ def test_native_size_equals_diffusers(pipe, mask_box, scheduler):
     image = smooth_image(size)
     mask = box_mask(size, size, *mask_box)
     reference = StableDiffusionXLInpaintPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
-        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet, scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer_2,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
         add_watermarker=False,
     )
     reference.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a red ball", num_inference_steps=6, guidance_scale=5.0)
-    theirs = np.asarray(reference(image=PIL.Image.fromarray(image),
-                                  mask_image=PIL.Image.fromarray(mask.astype(np.uint8) * 255),
-                                  generator=seeded(3), **kwargs).images[0])
-    ours = pipe(image=image, mask_image=mask, generator=seeded(3), dca_scale=0.0, rpa_scale=0.0,
-                **kwargs).arrays[0]
+    theirs = np.asarray(
+        reference(
+            image=PIL.Image.fromarray(image),
+            mask_image=PIL.Image.fromarray(mask.astype(np.uint8) * 255),
+            generator=seeded(3),
+            **kwargs,
+        ).images[0]
+    )
+    ours = pipe(image=image, mask_image=mask, generator=seeded(3), dca_scale=0.0, rpa_scale=0.0, **kwargs).arrays[0]
     diff = np.abs(ours.astype(int) - theirs.astype(int))[mask]
     assert diff.max() <= 2, f"max abs difference {diff.max()}/255 inside the mask"
     assert np.array_equal(ours[~mask], image[~mask])

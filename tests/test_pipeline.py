@@ -17,7 +17,7 @@ FAST = dict(num_inference_steps=2, strength=1.0, refine_steps=2, guidance_scale=
 def two_masks(height, width):
     """A fill inside the picture and one at its bottom-right border."""
     mask = box_mask(height, width, height // 2 - 60, width // 3, height // 2 + 37, width // 3 + 101)
-    mask[height - 23:, width - 45:] = True
+    mask[height - 23 :, width - 45 :] = True
     return mask
 
 
@@ -49,8 +49,16 @@ def test_direct_outside_the_mask_is_bit_identical_at_4k(pipe, big_images, size):
     and every other method runs at 4K in the test above.
     """
     image, mask = big_images[size], two_masks(*size)
-    out = pipe(prompt="a red ball", image=image, mask_image=mask, method="direct", generator=seeded(0),
-               num_inference_steps=1, strength=1.0, guidance_scale=1.0).arrays[0]
+    out = pipe(
+        prompt="a red ball",
+        image=image,
+        mask_image=mask,
+        method="direct",
+        generator=seeded(0),
+        num_inference_steps=1,
+        strength=1.0,
+        guidance_scale=1.0,
+    ).arrays[0]
     assert np.array_equal(out[~mask], image[~mask])
 
 
@@ -109,6 +117,7 @@ def test_images_at_or_below_native_size_run_stage_one_only(pipe):
 
 def test_empty_mask_returns_the_image_unchanged_without_running(pipe, monkeypatch):
     image = random_image(300, 300, seed=9)
+
     def no_unet(*args, **kwargs):
         raise AssertionError("the UNet ran for an empty mask")
 
@@ -130,8 +139,9 @@ def test_mask_from_alpha_and_dilation_keep_outside_pixels(pipe):
     alpha = np.full((200, 300), 255, dtype=np.uint8)
     alpha[50:120, 80:200] = 0  # transparent = fill
     rgba = np.dstack([rgb, alpha])
-    result = pipe(prompt="x", image=rgba, mask_image=None, mask_dilation=24, mask_feather=6,
-                  generator=seeded(0), **FAST)
+    result = pipe(
+        prompt="x", image=rgba, mask_image=None, mask_dilation=24, mask_feather=6, generator=seeded(0), **FAST
+    )
     out = result.arrays[0]
     assert result.images[0].mode == "RGBA" and np.array_equal(np.asarray(result.images[0]), out)
     mask = alpha == 0
@@ -141,23 +151,26 @@ def test_mask_from_alpha_and_dilation_keep_outside_pixels(pipe):
     assert (out[mask][:, 3] > 0).all()  # the fill shows: opaque, blended where feathered
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="magic"), "unknown method 'magic'"),
-    (dict(strength=0.0), "strength must be in"),
-    (dict(refine_strength=1.5), "refine_strength must be in"),
-    (dict(num_inference_steps=1, strength=0.5), "leaves no denoising step"),
-    (dict(tile_size=100), "multiple of 8"),
-    (dict(tile_size=64, tile_overlap=64), "must be smaller than tile_size"),
-    (dict(mask_feather=-1), "mask_feather must be at least 0"),
-    (dict(mask_feather=20), "erases the whole fill"),
-    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
-    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-    (dict(dca_scale=float("nan")), "dca_scale must be a finite number"),
-    (dict(rpa_scale=float("nan")), "rpa_scale must be a finite number"),
-    (dict(num_inference_steps=2.5), "num_inference_steps must be a whole number"),
-    (dict(prompt=3), "prompt must be a string"),
-    (dict(num_images_per_prompt=0), "at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="magic"), "unknown method 'magic'"),
+        (dict(strength=0.0), "strength must be in"),
+        (dict(refine_strength=1.5), "refine_strength must be in"),
+        (dict(num_inference_steps=1, strength=0.5), "leaves no denoising step"),
+        (dict(tile_size=100), "multiple of 8"),
+        (dict(tile_size=64, tile_overlap=64), "must be smaller than tile_size"),
+        (dict(mask_feather=-1), "mask_feather must be at least 0"),
+        (dict(mask_feather=20), "erases the whole fill"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(dca_scale=float("nan")), "dca_scale must be a finite number"),
+        (dict(rpa_scale=float("nan")), "rpa_scale must be a finite number"),
+        (dict(num_inference_steps=2.5), "num_inference_steps must be a whole number"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(num_images_per_prompt=0), "at least 1"),
+    ],
+)
 def test_bad_arguments_are_refused_with_the_reason(pipe, kwargs, message):
     image, mask = random_image(200, 200), box_mask(200, 200, 10, 10, 50, 50)
     with pytest.raises(ValueError, match=message):

@@ -28,8 +28,13 @@ def test_benchmark_tasks_are_deterministic_and_extend_by_count():
     first = benchmark_tasks(seed=3, count=6, width=256, height=256, native=128)
     again = benchmark_tasks(seed=3, count=6, width=256, height=256, native=128)
     for a, b in zip(first, again, strict=True):
-        assert (a.kind, a.mask_kind, a.placement, a.seed, a.prompt) == \
-            (b.kind, b.mask_kind, b.placement, b.seed, b.prompt)
+        assert (a.kind, a.mask_kind, a.placement, a.seed, a.prompt) == (
+            b.kind,
+            b.mask_kind,
+            b.placement,
+            b.seed,
+            b.prompt,
+        )
         assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and np.array_equal(a.truth, b.truth)
     # a longer run starts with the shorter one; another seed gives other tasks
     assert np.array_equal(benchmark_task(3, 5, 256, 256, 128).image, first[5].image)
@@ -101,8 +106,11 @@ def test_summarize_means_counts_and_skips_missing_values():
 
 
 def test_markdown_table_and_plot(tmp_path):
-    records = [record("patch-adapter", "remove", psnr=21.0), record("patch-adapter", "remove", psnr=23.0),
-               record("crop", "insert", prompt_followed=True)]
+    records = [
+        record("patch-adapter", "remove", psnr=21.0),
+        record("patch-adapter", "remove", psnr=23.0),
+        record("crop", "insert", prompt_followed=True),
+    ]
     summary = summarize(records)
     table = markdown_table(summary).splitlines()
     assert table[0] == "| statistic | patch-adapter | crop |"
@@ -141,13 +149,13 @@ SLICE_METHODS = ("patch-adapter", "resize", "crop", "direct", "tiled")
 
 # Margins, from the measured figures with room to spare: each comment gives the slice's
 # value, then the 200-task run's (build/quality/q512.json from `make quality`).
-PSNR_OVER_FULL_RES_DB = 2.0     # removal PSNR over crop, direct and tiled: >= 3.6 dB (slice), >= 5.2 dB (200)
-PSNR_UNDER_RESIZE_DB = 0.5      # removal PSNR at most this below resize's: +0.6 dB (slice), +0.2 dB (200)
-REMOVE_ACCURACY_MARGIN = 0.2    # removal accuracy over crop, direct, tiled: >= 0.3 (slice), >= 0.31 (200)
-TILE_SEAM_OVER_TRUTH = 1.0      # tile seams / the truth's on the same lines: 0.30 (slice), 0.74 (200)
-TILE_SEAM_OVER_TILED = 0.8      # tile seams / tiled's: 0.36 (slice), 0.61 (200)
-MASK_SEAM_OVER_TILED = 0.9      # mask-border seams / tiled's: 0.79 (slice), 0.42 (200)
-RESIZE_SOFTER = 0.5             # resize's removal sharpness / Patch-Adapter's: 0.17 (slice), 0.16 (200)
+PSNR_OVER_FULL_RES_DB = 2.0  # removal PSNR over crop, direct and tiled: >= 3.6 dB (slice), >= 5.2 dB (200)
+PSNR_UNDER_RESIZE_DB = 0.5  # removal PSNR at most this below resize's: +0.6 dB (slice), +0.2 dB (200)
+REMOVE_ACCURACY_MARGIN = 0.2  # removal accuracy over crop, direct, tiled: >= 0.3 (slice), >= 0.31 (200)
+TILE_SEAM_OVER_TRUTH = 1.0  # tile seams / the truth's on the same lines: 0.30 (slice), 0.74 (200)
+TILE_SEAM_OVER_TILED = 0.8  # tile seams / tiled's: 0.36 (slice), 0.61 (200)
+MASK_SEAM_OVER_TILED = 0.9  # mask-border seams / tiled's: 0.79 (slice), 0.42 (200)
+RESIZE_SOFTER = 0.5  # resize's removal sharpness / Patch-Adapter's: 0.17 (slice), 0.16 (200)
 
 
 def value(summary, method, stat):
@@ -165,8 +173,9 @@ def slice_summary():
     pipe = PatchAdapterPipeline.from_pretrained("tiny", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     tasks = benchmark_tasks(SLICE_SEED, SLICE_COUNT, SLICE_SIZE, SLICE_SIZE, pipe.native_size)
-    records = [run_method(pipe, task, method, SLICE_STEPS, seed=task.seed)
-               for task in tasks for method in SLICE_METHODS]
+    records = [
+        run_method(pipe, task, method, SLICE_STEPS, seed=task.seed) for task in tasks for method in SLICE_METHODS
+    ]
     return summarize(records), records
 
 
@@ -180,14 +189,16 @@ def test_benchmark_slice_orderings(slice_summary):
     # removals: as close to the truth as resize's, far closer than the full-resolution baselines'
     assert value(summary, pa, "remove_psnr") >= value(summary, "resize", "remove_psnr") - PSNR_UNDER_RESIZE_DB, table
     for method in ("crop", "direct", "tiled"):
-        assert value(summary, pa, "remove_psnr") >= value(summary, method, "remove_psnr") + PSNR_OVER_FULL_RES_DB, \
-            (method, table)
-        assert value(summary, pa, "remove_accuracy") >= value(summary, method, "remove_accuracy") + \
-            REMOVE_ACCURACY_MARGIN, (method, table)
+        assert value(summary, pa, "remove_psnr") >= value(summary, method, "remove_psnr") + PSNR_OVER_FULL_RES_DB, (
+            method,
+            table,
+        )
+        assert (
+            value(summary, pa, "remove_accuracy") >= value(summary, method, "remove_accuracy") + REMOVE_ACCURACY_MARGIN
+        ), (method, table)
     # patch borders are weaker than the picture's own changes along the same lines, and than tiled's
     assert value(summary, pa, "tile_seam") <= TILE_SEAM_OVER_TRUTH * value(summary, pa, "tile_seam_truth"), table
     assert value(summary, pa, "tile_seam") <= TILE_SEAM_OVER_TILED * value(summary, "tiled", "tile_seam"), table
     assert value(summary, pa, "seam") <= MASK_SEAM_OVER_TILED * value(summary, "tiled", "seam"), table
     # resize's fills are softer than Patch-Adapter's
-    assert value(summary, "resize", "remove_sharpness") <= RESIZE_SOFTER * value(summary, pa, "remove_sharpness"), \
-        table
+    assert value(summary, "resize", "remove_sharpness") <= RESIZE_SOFTER * value(summary, pa, "remove_sharpness"), table

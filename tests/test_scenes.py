@@ -67,8 +67,10 @@ def test_caption_grammar():
     b = random_object(rng, 512, 512, (0.1, 0.1), shape="star", colour="orange")
     a, b = (a, b) if a.x < b.x else (b, a)
     caption = scene_caption(Scene(512, 512, background, (b, a)))  # listed left to right, whatever the order
-    assert caption == f"{'a red triangle' if a.shape == 'triangle' else 'an orange star'} and " \
-                      f"{'an orange star' if b.shape == 'star' else 'a red triangle'} on a grey striped background"
+    assert (
+        caption == f"{'a red triangle' if a.shape == 'triangle' else 'an orange star'} and "
+        f"{'an orange star' if b.shape == 'star' else 'a red triangle'} on a grey striped background"
+    )
 
 
 # --- rendering -----------------------------------------------------------------------
@@ -155,8 +157,9 @@ def test_detector_accuracy_on_clean_renders():
     right, cases = 0, 0
     for seed in range(150):
         width, height = [(512, 512), (384, 512), (512, 320)][seed % 3]
-        task = make_task("insert", seed, width, height, mask_kind=MASK_KINDS[seed % 3],
-                         placement=("free", "border")[(seed // 3) % 2])
+        task = make_task(
+            "insert", seed, width, height, mask_kind=MASK_KINDS[seed % 3], placement=("free", "border")[(seed // 3) % 2]
+        )
         right += detect_object(task.truth, task.mask) == (task.target.colour, task.target.shape)
         cases += 1
     for seed in range(150):  # small objects: 15 to 50 px at 512x512, in a loose box
@@ -165,7 +168,7 @@ def test_detector_accuracy_on_clean_renders():
         image = render_scene(Scene(512, 512, random_background(rng), (obj,)))
         left, top, right_edge, bottom = object_box(obj, 512, 512)
         mask = np.zeros((512, 512), dtype=bool)
-        mask[max(0, int(top) - 6):int(bottom) + 7, max(0, int(left) - 6):int(right_edge) + 7] = True
+        mask[max(0, int(top) - 6) : int(bottom) + 7, max(0, int(left) - 6) : int(right_edge) + 7] = True
         right += detect_object(image, mask) == (obj.colour, obj.shape)
         cases += 1
     assert cases == 300
@@ -203,7 +206,7 @@ def test_remove_truth_is_the_scene_without_the_target(mask_kind):
         assert np.array_equal(task.truth, render_scene(task.truth_scene))
         assert np.array_equal(task.truth[~task.mask], task.image[~task.mask])  # the mask holds the whole change
         coverage, (top, left) = object_coverage(task.target, 320, 256)
-        window = task.mask[top:top + coverage.shape[0], left:left + coverage.shape[1]]
+        window = task.mask[top : top + coverage.shape[0], left : left + coverage.shape[1]]
         assert window[coverage > 0].all()
 
 
@@ -215,7 +218,7 @@ def test_insert_mask_leaves_other_objects_alone(mask_kind):
         assert task.scene.objects == task.truth_scene.objects[:-1] and task.truth_scene.objects[-1] == task.target
         for other in task.scene.objects:
             coverage, (top, left) = object_coverage(other, 384, 384)
-            window = task.mask[top:top + coverage.shape[0], left:left + coverage.shape[1]]
+            window = task.mask[top : top + coverage.shape[0], left : left + coverage.shape[1]]
             assert not window[coverage > 0].any()
         assert np.array_equal(task.truth[~task.mask], task.image[~task.mask])
         assert not np.array_equal(task.truth[task.mask], task.image[task.mask])
@@ -237,8 +240,7 @@ def test_border_masks_reach_the_edge():
 @pytest.mark.parametrize("native,size", [(128, 512), (1024, 2048)])
 def test_large_masks_exceed_a_native_patch(native, size):
     for seed in range(2 if size > 1024 else 6):
-        task = make_task("remove", seed, size, size, native=native, mask_kind=MASK_KINDS[seed % 3],
-                         placement="large")
+        task = make_task("remove", seed, size, size, native=native, mask_kind=MASK_KINDS[seed % 3], placement="large")
         rows, cols = np.flatnonzero(task.mask.any(axis=1)), np.flatnonzero(task.mask.any(axis=0))
         assert rows[-1] - rows[0] + 1 > native and cols[-1] - cols[0] + 1 > native
         assert np.array_equal(task.truth[~task.mask], task.image[~task.mask])

@@ -20,7 +20,7 @@ def test_tiles_cover_every_position_with_at_least_the_overlap(length, tile, over
     starts = tile_starts(length, tile, overlap)
     covered = np.zeros(length, dtype=int)
     for s in starts:
-        covered[s: s + tile] += 1
+        covered[s : s + tile] += 1
     assert covered.min() >= 1 and starts[0] == 0 and min(length, starts[-1] + tile) == length
     for a, b in pairwise(starts):
         assert a + tile - b >= overlap  # neighbours overlap by at least `overlap`
@@ -116,8 +116,10 @@ def plan_for(size, mask_box, method="patch-adapter", native=128):
 
 @pytest.mark.parametrize("method", ["patch-adapter", "tiled", "two-stage"])
 def test_unet_evaluations_do_not_grow_with_image_size(method):
-    counts = {side: plan_for((side, side), (300, 200, 420, 370), method).unet_evaluations
-              for side in (1024, 2048, 4096, 8192, 16384)}
+    counts = {
+        side: plan_for((side, side), (300, 200, 420, 370), method).unet_evaluations
+        for side in (1024, 2048, 4096, 8192, 16384)
+    }
     assert len(set(counts.values())) == 1, counts
     # ... but they do grow with the mask
     assert plan_for((4096, 4096), (300, 200, 1300, 1370), method).unet_evaluations > counts[4096]
@@ -136,7 +138,7 @@ def test_stage1_size_keeps_aspect_at_the_native_pixel_count():
     for width, height in ((4001, 2999), (8192, 5464), (3840, 2160), (1000, 4000)):
         w, h = native_dims(width, height, 1024)
         assert w % 8 == 0 and h % 8 == 0
-        assert abs(w * h / 1024 ** 2 - 1) < 0.03
+        assert abs(w * h / 1024**2 - 1) < 0.03
         assert abs((w / h) / (width / height) - 1) < 0.03
 
 
@@ -154,13 +156,14 @@ def test_tiles_far_apart_form_separate_groups():
     mask[100:102, 20:120] = True  # a line touching several tiles in a row
     tiles = tiles_touching(plan_tiles(mask.shape, 16, 4), mask)
     groups = group_tiles(tiles)
+
     def key(t):
         return t.top, t.left
 
     assert sorted((t for g in groups for t in g), key=key) == sorted(tiles, key=key)
     assert len(groups) == 3
     for i, a in enumerate(groups):
-        for b in groups[i + 1:]:
+        for b in groups[i + 1 :]:
             assert not any(overlaps(s, t) for s in a for t in b)
 
 

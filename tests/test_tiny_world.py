@@ -80,9 +80,20 @@ def test_recipe_runs_end_to_end_and_its_folder_loads_with_its_adapters(tmp_path)
     from patch_adapter.pipeline import PatchAdapterPipeline
     from patch_adapter.training.tiny_backbone import TinyRecipe, train_tiny
 
-    recipe = TinyRecipe(output=str(tmp_path / "weights"), work=str(tmp_path / "work"), threads=1, views=32,
-                        vae_steps=3, vae_batch=2, unet_steps=3, unet_batch=2, adapter_scenes=2,
-                        adapter_sizes=(256,), stage1={"max_steps": 2}, stage2={"max_steps": 2})
+    recipe = TinyRecipe(
+        output=str(tmp_path / "weights"),
+        work=str(tmp_path / "work"),
+        threads=1,
+        views=32,
+        vae_steps=3,
+        vae_batch=2,
+        unet_steps=3,
+        unet_batch=2,
+        adapter_scenes=2,
+        adapter_sizes=(256,),
+        stage1={"max_steps": 2},
+        stage2={"max_steps": 2},
+    )
     out = train_tiny(recipe)
     report = json.loads((out / "recipe_report.json").read_text())
     assert report["vae"]["scaling_factor"] > 0

@@ -40,8 +40,17 @@ def memorise(stage, tmp_path_factory, **settings):
     """
     root = tmp_path_factory.mktemp(stage)
     data = make_toy_dataset(root / "data", count=1, size=64 if stage == "stage1" else 256)
-    return run(stage, data, root / "out", overfit_batches=1, caption_dropout=0.0, lr_warmup_steps=0,
-               mask_mix={"box": 1.0}, seed=0, **settings)
+    return run(
+        stage,
+        data,
+        root / "out",
+        overfit_batches=1,
+        caption_dropout=0.0,
+        lr_warmup_steps=0,
+        mask_mix={"box": 1.0},
+        seed=0,
+        **settings,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +112,14 @@ def test_backbone_stays_frozen_and_checkpoints_hold_only_the_adapter(stage, requ
 def inpaint(pipe, size):
     image = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
     mask = np.zeros((size, size), dtype=bool)
-    mask[size // 4: size // 2, size // 4: 3 * size // 4] = True
-    out = pipe(prompt="a red circle", image=image, mask_image=mask, num_inference_steps=3,
-               generator=torch.Generator().manual_seed(0)).arrays[0]
+    mask[size // 4 : size // 2, size // 4 : 3 * size // 4] = True
+    out = pipe(
+        prompt="a red circle",
+        image=image,
+        mask_image=mask,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+    ).arrays[0]
     return out.astype(int), mask
 
 
@@ -131,8 +145,15 @@ def test_trained_adapter_loads_into_the_pipeline_and_changes_its_output(stage, s
 
 def test_resume_continues_exactly(tmp_path):
     data = make_toy_dataset(tmp_path / "data", count=3, size=(160, 128))
-    settings = dict(learning_rate=1e-3, lr_warmup_steps=4, ema_decay=0.9, gradient_accumulation_steps=2,
-                    checkpointing_steps=3, seed=5, resolution=64)
+    settings = dict(
+        learning_rate=1e-3,
+        lr_warmup_steps=4,
+        ema_decay=0.9,
+        gradient_accumulation_steps=2,
+        checkpointing_steps=3,
+        seed=5,
+        resolution=64,
+    )
     whole = run("stage1", data, tmp_path / "whole", max_steps=6, **settings)
     run("stage1", data, tmp_path / "split", max_steps=3, **settings)
     resumed = run("stage1", data, tmp_path / "split", max_steps=6, resume="latest", **settings)
@@ -141,8 +162,10 @@ def test_resume_continues_exactly(tmp_path):
     for name in ("checkpoint-6/adapter.safetensors", "dca.safetensors"):  # raw weights, and the EMA export
         a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "split" / name))
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
-    logs = [[json.loads(x)["loss"] for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
-            for d in ("whole", "split")]
+    logs = [
+        [json.loads(x)["loss"] for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+        for d in ("whole", "split")
+    ]
     assert logs[1] == pytest.approx(logs[0], abs=1e-6)  # one line per step, none repeated
 
 
@@ -167,14 +190,39 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
 def test_cli_trains_stage1_with_a_config_file_under_the_flags(tmp_path, capsys):
     data = make_toy_dataset(tmp_path / "data", count=2, size=64)
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "max_steps": 50, "learning_rate": 0.002, "lr_warmup_steps": 0, "resolution": 64,
-        "dataloader_num_workers": 0, "report_to": "none", "validation_inference_steps": 2,
-        "stage2": {"learning_rate": 0.5},  # another stage's table: not used here
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "max_steps": 50,
+                "learning_rate": 0.002,
+                "lr_warmup_steps": 0,
+                "resolution": 64,
+                "dataloader_num_workers": 0,
+                "report_to": "none",
+                "validation_inference_steps": 2,
+                "stage2": {"learning_rate": 0.5},  # another stage's table: not used here
+            }
+        )
+    )
     out = tmp_path / "out"
-    code = main(["train", "stage1", "--model", "tiny", "--data", str(data), "--output", str(out),
-                 "--max-steps", "2", "--seed", "3", "--config", str(config)])
+    code = main(
+        [
+            "train",
+            "stage1",
+            "--model",
+            "tiny",
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "2",
+            "--seed",
+            "3",
+            "--config",
+            str(config),
+        ]
+    )
     assert code == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert read_manifest(out / "dca.safetensors")["adapters"] == ["dca"]
@@ -186,13 +234,15 @@ def test_cli_trains_stage1_with_a_config_file_under_the_flags(tmp_path, capsys):
     assert (out / "validation" / "step-0000002.png").is_file()
 
 
-@pytest.mark.parametrize("text, key", [("learning_rat: 0.001\n", "learning_rat"),
-                                       ("stage2:\n  dca_scal: 1\n", "dca_scal")])
+@pytest.mark.parametrize(
+    "text, key", [("learning_rat: 0.001\n", "learning_rat"), ("stage2:\n  dca_scal: 1\n", "dca_scal")]
+)
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys, text, key):
     config = tmp_path / "train.yaml"
     config.write_text(text)
-    code = main(["train", "stage1", "--data", str(tmp_path), "--output", str(tmp_path / "out"),
-                 "--config", str(config)])
+    code = main(
+        ["train", "stage1", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--config", str(config)]
+    )
     assert code == 2
     assert key in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -209,13 +259,48 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"resolution": 64, **QUIET}))
     out = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-               "-m", "patch_adapter.cli", "train", "stage1", "--model", "tiny", "--data", str(data),
-               "--output", str(out), "--max-steps", "2", "--seed", "0", "--config", str(config)]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "patch_adapter.cli",
+        "train",
+        "stage1",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--seed",
+        "0",
+        "--config",
+        str(config),
+    ]
     # output to files, not pipes: workers that outlive a killed launcher would hold pipes open
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         launcher = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
@@ -227,12 +312,15 @@ def test_two_processes_through_accelerate_launch(tmp_path):
                 launcher.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(launcher.pid, signal.SIGKILL)
-            pytest.fail("two-process training did not finish in 180 s:\n"
-                        + (tmp_path / "stderr.txt").read_text()[-3000:])
+            pytest.fail(
+                "two-process training did not finish in 180 s:\n" + (tmp_path / "stderr.txt").read_text()[-3000:]
+            )
     assert launcher.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     checkpoint = out / "checkpoint-2"
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
-                                                                            "random_states_1.pkl"]
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert (checkpoint / "adapter.safetensors").is_file() and (out / "dca.safetensors").is_file()
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # written once, by the main process

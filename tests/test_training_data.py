@@ -146,7 +146,7 @@ def test_stage1_samples_fill_their_bucket_without_stretching(tmp_path):
     config = TrainConfig(random_flip=False, caption_dropout=0.0)
     report = scan_dataset(tmp_path)
     groups, buckets = group_by_bucket(report.records, config, NATIVE)
-    (bucket, indices), = groups.items()
+    ((bucket, indices),) = groups.items()
     bw, bh = bucket
     assert bw / bh == pytest.approx(2.0, rel=0.3)
     sample = TrainingData(report.records, config, NATIVE)[(indices[0], 5, bucket)]
@@ -154,11 +154,17 @@ def test_stage1_samples_fill_their_bucket_without_stretching(tmp_path):
     # the image scaled by one factor to cover the bucket, then cropped: compare with that directly
     image = report.records[0].open()
     scale = max(bw / image.width, bh / image.height)
-    covered = np.asarray(image.resize((max(bw, round(image.width * scale)), max(bh, round(image.height * scale))),
-                                      PIL.Image.Resampling.LANCZOS))
+    covered = np.asarray(
+        image.resize(
+            (max(bw, round(image.width * scale)), max(bh, round(image.height * scale))), PIL.Image.Resampling.LANCZOS
+        )
+    )
     pixels = ((sample["pixels"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(int)
-    matches = [np.abs(covered[top:top + bh, left:left + bw].astype(int) - pixels).max() <= 1
-               for top in range(covered.shape[0] - bh + 1) for left in range(covered.shape[1] - bw + 1)]
+    matches = [
+        np.abs(covered[top : top + bh, left : left + bw].astype(int) - pixels).max() <= 1
+        for top in range(covered.shape[0] - bh + 1)
+        for left in range(covered.shape[1] - bw + 1)
+    ]
     assert any(matches)
 
 
@@ -205,7 +211,7 @@ def test_stage2_sample_pairs_a_native_crop_with_its_reference(tmp_path):
     crop = np.round((sample["pixels"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
     assert crop.shape == (NATIVE, NATIVE, 3)
     left, top = int(crop[0, 0, 0]), int(crop[0, 0, 1])  # where the crop came from
-    assert np.array_equal(crop, image[top:top + NATIVE, left:left + NATIVE])
+    assert np.array_equal(crop, image[top : top + NATIVE, left : left + NATIVE])
     mask = sample["mask"][0].numpy() > 0.5
     reference = (sample["reference"].permute(1, 2, 0).numpy() + 1) / 2
     expected = direct_reference(image, (top, left, top + NATIVE, left + NATIVE), NATIVE)

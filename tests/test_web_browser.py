@@ -69,12 +69,21 @@ def make_picture(path: Path) -> np.ndarray:
 def server(tmp_path):
     require_browser()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
-                                                                       os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    process = subprocess.Popen([sys.executable, "-m", "patch_adapter.cli", "serve", "--model", "tiny",
-                                "--device", "cpu", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")])
+        ),
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "patch_adapter.cli", "serve", "--model", "tiny", "--device", "cpu", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -128,6 +137,7 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         # a stroke from the yellow disc towards the middle, with the mouse
         box = page.locator("#view").bounding_box()
         view = page.evaluate("() => S.view")
+
         def to_screen(x, y):
             return box["x"] + view["ox"] + x * view["scale"], box["y"] + view["oy"] + y * view["scale"]
 
@@ -188,7 +198,8 @@ def test_paint_run_download_in_chromium(server, tmp_path):
         # drag and drop, and paste, open pictures too
         for event in ("drop", "paste"):
             width = 64 if event == "drop" else 80
-            page.evaluate("""async ([event, width]) => {
+            page.evaluate(
+                """async ([event, width]) => {
                 const canvas = new OffscreenCanvas(width, 48);
                 canvas.getContext("2d").fillRect(0, 0, 10, 10);
                 const file = new File([await canvas.convertToBlob()], "small.png", { type: "image/png" });
@@ -197,7 +208,9 @@ def test_paint_run_download_in_chromium(server, tmp_path):
                 const target = event === "drop" ? document.getElementById("viewport") : document;
                 target.dispatchEvent(event === "drop" ? new DragEvent("drop", { dataTransfer: data, bubbles: true })
                                                       : new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
-            }""", [event, width])
+            }""",
+                [event, width],
+            )
             page.wait_for_selector(f"#image-info:has-text('small.png {width}x48')")
         assert not errors, errors
         browser.close()

@@ -126,7 +126,7 @@ def test_mask_png_round_trips_and_mask_file_loads(client, tmp_path):
 def test_a_16_bit_tiff_opens_with_an_8_bit_view_and_keeps_16_bits(client, tmp_path):
     from patch_adapter.image_io import save_image
 
-    pixels = (random_image(40, 56, seed=6).astype(np.uint16) * 257)
+    pixels = random_image(40, 56, seed=6).astype(np.uint16) * 257
     save_image(tmp_path / "deep.tif", pixels)
     image = client.post("/api/images", content=(tmp_path / "deep.tif").read_bytes()).json()
     assert image["bit_depth"] == 16
@@ -134,10 +134,13 @@ def test_a_16_bit_tiff_opens_with_an_8_bit_view_and_keeps_16_bits(client, tmp_pa
     assert view.dtype == np.uint8 and np.array_equal(view, (pixels // 257).astype(np.uint8))
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"this is not a picture", "notes.txt is not an image file"),
-    (b"", "empty"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"this is not a picture", "notes.txt is not an image file"),
+        (b"", "empty"),
+    ],
+)
 def test_bad_uploads_get_a_message_and_the_server_keeps_running(client, body, message):
     response = client.post("/api/images", content=body, headers={"X-Filename": "notes.txt"})
     assert response.status_code == 400 and message in response.json()["error"]
@@ -164,14 +167,22 @@ def test_bad_settings_stale_masks_and_unknown_ids_are_refused(client):
     mask = np.zeros((64, 96), dtype=bool)
     mask[5:20, 5:20] = True
     send_mask(client, image, mask, version=3)
-    for settings, message in [({"method": "magic"}, "invalid choice"), ({"steps": "many"}, "invalid int"),
-                              ({"tile_size": 100}, "multiple of 8"), ({"rm": "-rf"}, "unknown setting")]:
+    for settings, message in [
+        ({"method": "magic"}, "invalid choice"),
+        ({"steps": "many"}, "invalid int"),
+        ({"tile_size": 100}, "multiple of 8"),
+        ({"rm": "-rf"}, "unknown setting"),
+    ]:
         response = client.post("/api/jobs", json={"image_id": image["id"], "mask_version": 3, "settings": settings})
         assert response.status_code == 400 and message in response.json()["error"], (settings, response.text)
     stale = client.post("/api/jobs", json={"image_id": image["id"], "mask_version": 2, "settings": FAST})
     assert stale.status_code == 400 and "mask version" in stale.json()["error"]
-    for path in ("/api/images/../../etc/passwd/mask.png", "/api/images/0123456789abcdef/mask.png",
-                 "/api/results/nope.png", "/api/jobs/nope"):
+    for path in (
+        "/api/images/../../etc/passwd/mask.png",
+        "/api/images/0123456789abcdef/mask.png",
+        "/api/results/nope.png",
+        "/api/jobs/nope",
+    ):
         assert client.get(path).status_code == 404, path
 
 

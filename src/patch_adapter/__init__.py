@@ -1,9 +1,9 @@
 """Patch-Adapter: text-guided inpainting of 4K+ images with a frozen SDXL-inpainting backbone.
 
-    from patch_adapter import PatchAdapterPipeline
-    pipe = PatchAdapterPipeline.from_pretrained("tiny")          # or a diffusers folder / hub id
-    result = pipe(prompt="a wooden bench", image=image, mask_image=mask)
-    result.images[0].save("out.png")
+from patch_adapter import PatchAdapterPipeline
+pipe = PatchAdapterPipeline.from_pretrained("tiny")          # or a diffusers folder / hub id
+result = pipe(prompt="a wooden bench", image=image, mask_image=mask)
+result.images[0].save("out.png")
 """
 
 __version__ = "0.1.0"

@@ -151,17 +151,32 @@ def tiny_configs() -> dict:
             force_upcast=False,  # fp32 VAE; SDXL's fp16 VAE is upcast by the pipeline
         ),
         "text_encoder": dict(
-            hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=pooled_dim, hidden_act="gelu",
+            hidden_size=text_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=pooled_dim,
+            hidden_act="gelu",
         ),
         "text_encoder_2": dict(
-            hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=pooled_dim, hidden_act="gelu",
+            hidden_size=text_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=pooled_dim,
+            hidden_act="gelu",
         ),
         # SDXL-inpainting's scheduler settings.
         "scheduler": dict(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+            prediction_type="epsilon",
         ),
     }
 
@@ -186,8 +201,12 @@ def build_tiny_components(seed: int = 0) -> dict:
 
     unet = seeded(0, lambda: UNet2DConditionModel(**configs["unet"]))
     vae = seeded(1, lambda: AutoencoderKL(**configs["vae"]))
-    special = dict(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    special = dict(
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     text_cfg = CLIPTextConfig(**special, **configs["text_encoder"])
     text_cfg_2 = CLIPTextConfig(**special, **configs["text_encoder_2"])
     text_encoder = seeded(2, lambda: CLIPTextModel(text_cfg))
@@ -289,7 +308,9 @@ def load_backbone(
     if kind == "single_file":
         try:
             pipe = StableDiffusionXLInpaintPipeline.from_single_file(
-                str(where), dtype=torch_dtype, config=config,
+                str(where),
+                dtype=torch_dtype,
+                config=config,
                 local_files_only=bool(local_files_only) if local_files_only is not None else None,
             )
         except Exception as err:  # diffusers raises many kinds here; all mean the same to the user
@@ -325,8 +346,15 @@ def backbone_identity(unet) -> dict:
     """What an adapter depends on in the UNet: its attention layout, not its weights."""
     cfg = unet.config
     keys = (
-        "in_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-        "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+        "in_channels",
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "transformer_layers_per_block",
+        "attention_head_dim",
+        "num_attention_heads",
+        "cross_attention_dim",
     )
     return json.loads(json.dumps({k: cfg.get(k) for k in keys}))
 
@@ -343,25 +371,55 @@ def sdxl_inpaint_configs() -> dict:
     """
     return {
         "unet": dict(
-            sample_size=128, in_channels=9, out_channels=4, layers_per_block=2,
+            sample_size=128,
+            in_channels=9,
+            out_channels=4,
+            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            norm_num_groups=32,
         ),
         "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, scaling_factor=0.13025,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, force_upcast=True,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+            force_upcast=True,
         ),
-        "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                             projection_dim=768, hidden_act="quick_gelu", vocab_size=49408,
-                             max_position_embeddings=77),
-        "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                               num_attention_heads=20, projection_dim=1280, hidden_act="gelu", vocab_size=49408,
-                               max_position_embeddings=77),
+        "text_encoder": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
+        "text_encoder_2": dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
     }
 
 
@@ -375,15 +433,21 @@ def build_sdxl_components(torch_dtype: torch.dtype = torch.float32, device="meta
         return {
             "unet": UNet2DConditionModel(**configs["unet"]).to(torch_dtype),
             "vae": AutoencoderKL(**configs["vae"]).to(torch_dtype),
-            "text_encoder": transformers.CLIPTextModel(
-                transformers.CLIPTextConfig(**configs["text_encoder"])).to(torch_dtype),
+            "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])).to(
+                torch_dtype
+            ),
             "text_encoder_2": transformers.CLIPTextModelWithProjection(
-                transformers.CLIPTextConfig(**configs["text_encoder_2"])).to(torch_dtype),
+                transformers.CLIPTextConfig(**configs["text_encoder_2"])
+            ).to(torch_dtype),
         }
 
 
-def backbone_on_meta(source: str = "tiny", torch_dtype: torch.dtype = torch.float32, config: str | None = None,
-                     local_files_only: bool | None = None) -> dict:
+def backbone_on_meta(
+    source: str = "tiny",
+    torch_dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    local_files_only: bool | None = None,
+) -> dict:
     """The UNet, VAE and text encoders of a backbone built from its configs on the meta device.
 
     For memory estimates and FLOP counts without reading weights: a folder's or the
@@ -406,11 +470,14 @@ def backbone_on_meta(source: str = "tiny", torch_dtype: torch.dtype = torch.floa
     try:
         unet_config = UNet2DConditionModel.load_config(root, subfolder="unet", **offline)
         vae_config = AutoencoderKL.load_config(root, subfolder="vae", **offline)
-        text_configs = [transformers.AutoConfig.from_pretrained(root, subfolder=name, **offline)
-                        for name in ("text_encoder", "text_encoder_2")]
+        text_configs = [
+            transformers.AutoConfig.from_pretrained(root, subfolder=name, **offline)
+            for name in ("text_encoder", "text_encoder_2")
+        ]
     except Exception as err:  # missing files, no network: the same answer for the user
-        raise BackboneLoadError(f"could not read the component configs of {source} from {root}: {err}\n"
-                                + _offline_hint(str(root))) from err
+        raise BackboneLoadError(
+            f"could not read the component configs of {source} from {root}: {err}\n" + _offline_hint(str(root))
+        ) from err
     with torch.device("meta"):
         components = {
             "unet": UNet2DConditionModel.from_config(unet_config).to(torch_dtype),

@@ -69,23 +69,33 @@ def add_batch_parser(subparsers) -> None:
     from .cli import add_model_options, add_settings_options  # cli imports this module
 
     p = subparsers.add_parser(
-        "batch", help="inpaint a folder or a manifest of images with one loaded model, resumably",
+        "batch",
+        help="inpaint a folder or a manifest of images with one loaded model, resumably",
         description="Inpaint many images with the model loaded once per process. Items whose outputs exist are "
-                    "skipped, failures are recorded in OUTDIR/batch_report.jsonl and the batch goes on. Under "
-                    "`accelerate launch` the items are split across the processes. Exit code 0: nothing failed, "
-                    "1: some items failed, 2: the command is wrong.",
+        "skipped, failures are recorded in OUTDIR/batch_report.jsonl and the batch goes on. Under "
+        "`accelerate launch` the items are split across the processes. Exit code 0: nothing failed, "
+        "1: some items failed, 2: the command is wrong.",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", help="CSV (with a header line) or JSONL, one row per image: columns image "
-                                           "(required), mask, output and any setting flag's name (prompt, "
-                                           "negative_prompt, seed, method, steps, ...), which beats the flag. "
-                                           "image and mask are relative to the manifest's folder, output to OUTDIR")
+    source.add_argument(
+        "--manifest",
+        help="CSV (with a header line) or JSONL, one row per image: columns image "
+        "(required), mask, output and any setting flag's name (prompt, "
+        "negative_prompt, seed, method, steps, ...), which beats the flag. "
+        "image and mask are relative to the manifest's folder, output to OUTDIR",
+    )
     source.add_argument("--images", help="folder of images (PNG, JPEG, WebP, TIFF; not its subfolders)")
-    p.add_argument("--masks", help="with --images: folder of masks, matched to the images by file stem; without "
-                                   "it each image's alpha channel is its mask (transparent = fill)")
-    p.add_argument("-o", "--output", required=True,
-                   help="folder for the results (<image stem>_inpainted.png unless a row names its output) and "
-                        f"{REPORT_NAME}")
+    p.add_argument(
+        "--masks",
+        help="with --images: folder of masks, matched to the images by file stem; without "
+        "it each image's alpha channel is its mask (transparent = fill)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help=f"folder for the results (<image stem>_inpainted.png unless a row names its output) and {REPORT_NAME}",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo items whose outputs exist")
     add_settings_options(p)
     add_model_options(p)
@@ -163,8 +173,10 @@ def manifest_items(manifest: Path, args, outdir: Path) -> list[Item]:
         for key, value in row.items():
             column = str(key).strip().replace("-", "_")
             if column in model_columns:
-                raise ValueError(f"{where}: {column} is set for the whole batch (one model per process): "
-                                 f"use --{column.replace('_', '-')} instead of a column")
+                raise ValueError(
+                    f"{where}: {column} is set for the whole batch (one model per process): "
+                    f"use --{column.replace('_', '-')} instead of a column"
+                )
             if column not in known:
                 raise ValueError(f"{where}: unknown column {key!r}; the columns are {', '.join(known)}")
             if value is not None and str(value).strip():  # an empty cell: the flag's value
@@ -178,13 +190,19 @@ def manifest_items(manifest: Path, args, outdir: Path) -> list[Item]:
             raise ValueError(f"{where}: {err}") from None
         image = base / str(paths["image"])
         target = str(outdir / str(paths["output"])) if "output" in paths else str(outdir) + os.sep
-        items.append(Item(
-            index=len(items), name=where, image=image,
-            mask=base / str(paths["mask"]) if "mask" in paths else None, settings=settings,
-            outputs=output_paths(target, str(image), settings.num_images),
-            problem=None if settings.prompt is not None else
-            "no prompt: give one in the prompt column or with --prompt (--prompt '' fills without one)",
-        ))
+        items.append(
+            Item(
+                index=len(items),
+                name=where,
+                image=image,
+                mask=base / str(paths["mask"]) if "mask" in paths else None,
+                settings=settings,
+                outputs=output_paths(target, str(image), settings.num_images),
+                problem=None
+                if settings.prompt is not None
+                else "no prompt: give one in the prompt column or with --prompt (--prompt '' fills without one)",
+            )
+        )
     if not items:
         raise ValueError(f"manifest {manifest} has no rows")
     return items
@@ -195,12 +213,14 @@ def csv_rows(path: Path):
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "image" not in [name.strip() for name in reader.fieldnames]:
-            raise ValueError(f"{path.name} line 1: no image column; the header line must name the columns, "
-                             "e.g. image,mask,prompt")
+            raise ValueError(
+                f"{path.name} line 1: no image column; the header line must name the columns, e.g. image,mask,prompt"
+            )
         for row in reader:
             if None in row:
-                raise ValueError(f"{path.name} line {reader.line_num}: more cells than columns "
-                                 "(quote cells that hold commas)")
+                raise ValueError(
+                    f"{path.name} line {reader.line_num}: more cells than columns (quote cells that hold commas)"
+                )
             yield reader.line_num, row
 
 
@@ -215,8 +235,10 @@ def jsonl_rows(path: Path):
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path.name} line {line}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path.name} line {line}: each line must be a JSON object, "
-                                 'e.g. {"image": "a.png", "prompt": "a bench"}')
+                raise ValueError(
+                    f"{path.name} line {line}: each line must be a JSON object, "
+                    'e.g. {"image": "a.png", "prompt": "a bench"}'
+                )
             yield line, row
 
 
@@ -229,8 +251,10 @@ def folder_items(images: Path, masks: Path | None, args, outdir: Path) -> list[I
     if outdir.resolve() == images.resolve():
         raise ValueError("-o must not be the --images folder: the results would be read as inputs next time")
     if masks is not None and masks.resolve() == images.resolve():
-        raise ValueError("--masks must be another folder than --images: masks are matched to images by file stem, "
-                         "so each image would be its own mask")
+        raise ValueError(
+            "--masks must be another folder than --images: masks are matched to images by file stem, "
+            "so each image would be its own mask"
+        )
     if args.prompt is None:
         raise ValueError("give the prompt for all images with --prompt TEXT (--prompt '' fills without one)")
     settings = item_settings(args, {}, settings_parser(), native_size_of(args.model))
@@ -245,11 +269,17 @@ def folder_items(images: Path, masks: Path | None, args, outdir: Path) -> list[I
             problem = f"no mask named {image.stem}.* in {masks} (masks are matched to images by file stem)"
         elif len(candidates) > 1:
             problem = f"several masks for {image.name}: {', '.join(p.name for p in candidates)}; keep one"
-        items.append(Item(
-            index=len(items), name=image.name, image=image, mask=candidates[0] if len(candidates) == 1 else None,
-            settings=settings, outputs=output_paths(str(outdir) + os.sep, str(image), settings.num_images),
-            problem=problem,
-        ))
+        items.append(
+            Item(
+                index=len(items),
+                name=image.name,
+                image=image,
+                mask=candidates[0] if len(candidates) == 1 else None,
+                settings=settings,
+                outputs=output_paths(str(outdir) + os.sep, str(image), settings.num_images),
+                problem=problem,
+            )
+        )
     if not items:
         raise ValueError(f"no images in {images} (looked for {', '.join(SUPPORTED_EXTENSIONS)})")
     return items
@@ -257,8 +287,11 @@ def folder_items(images: Path, masks: Path | None, args, outdir: Path) -> list[I
 
 def image_files(folder: Path) -> list[Path]:
     """The folder's image files by name, hidden files (temporaries) left out."""
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in SUPPORTED_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in SUPPORTED_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def check_outputs(items: list[Item]) -> None:
@@ -268,15 +301,21 @@ def check_outputs(items: list[Item]) -> None:
     for item in items:
         for path in item.outputs:
             if path.suffix.lower() not in SUPPORTED_EXTENSIONS:  # found now, not after the item's compute
-                raise ValueError(f"{item.name}: cannot tell the format of the output {path} from its extension; "
-                                 f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+                raise ValueError(
+                    f"{item.name}: cannot tell the format of the output {path} from its extension; "
+                    f"use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+                )
             key = path.resolve()
             if key in inputs:
-                raise ValueError(f"{item.name}: the output {path} is an input of {inputs[key].name}; "
-                                 "refusing to overwrite an input, name another output")
+                raise ValueError(
+                    f"{item.name}: the output {path} is an input of {inputs[key].name}; "
+                    "refusing to overwrite an input, name another output"
+                )
             if key in writers:
-                raise ValueError(f"{item.name} and {writers[key].name} would both write {path}; give them "
-                                 "different outputs (or images different stems)")
+                raise ValueError(
+                    f"{item.name} and {writers[key].name} would both write {path}; give them "
+                    "different outputs (or images different stems)"
+                )
             writers[key] = item
 
 
@@ -324,23 +363,27 @@ def run_batch(args) -> int:
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > state.num_processes:  # each process would do every item
-        raise ValueError(f"{launched} processes were launched but accelerate sees {state.num_processes}: "
-                         "on CPUs, set ACCELERATE_USE_CPU=true")
+        raise ValueError(
+            f"{launched} processes were launched but accelerate sees {state.num_processes}: "
+            "on CPUs, set ACCELERATE_USE_CPU=true"
+        )
     items = read_items(args)  # every process reads the same items and fails alike, before any work
     outdir = Path(args.output)
     main = state.is_main_process
     pending, skipped = sort_out(items, args, state)
     if main:
-        print(f"batch: {len(items)} items, {len(skipped)} with complete outputs skipped, {len(pending)} to do "
-              f"on {state.num_processes} process{'es' if state.num_processes > 1 else ''}", file=sys.stderr)
+        print(
+            f"batch: {len(items)} items, {len(skipped)} with complete outputs skipped, {len(pending)} to do "
+            f"on {state.num_processes} process{'es' if state.num_processes > 1 else ''}",
+            file=sys.stderr,
+        )
         warn_other_settings(skipped)
 
     try:
         with state.split_between_processes(pending) as mine:
             records = run_items(mine, args, state)
     except KeyboardInterrupt:
-        print("batch: interrupted; finished outputs are kept: rerun the same command to do the rest",
-              file=sys.stderr)
+        print("batch: interrupted; finished outputs are kept: rerun the same command to do the rest", file=sys.stderr)
         return 130
     if state.num_processes > 1:
         records = gather_object(records)
@@ -396,13 +439,17 @@ def run_items(items: list[Item], args, state) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
             message = failure_message(err)
             tqdm.write(f"batch: failed: {item.name}: {message}", file=sys.stderr)
-            records.append(record(item, "failed", error=message, seconds=time.perf_counter() - started,
-                                  process=state.process_index))
+            records.append(
+                record(
+                    item, "failed", error=message, seconds=time.perf_counter() - started, process=state.process_index
+                )
+            )
         else:
             if note:
                 tqdm.write(f"batch: note: {item.name}: {note}", file=sys.stderr)
-            records.append(record(item, "done", seconds=time.perf_counter() - started, process=state.process_index,
-                                  note=note))
+            records.append(
+                record(item, "done", seconds=time.perf_counter() - started, process=state.process_index, note=note)
+            )
     return records
 
 
@@ -419,8 +466,9 @@ def run_item(pipe, item: Item) -> str | None:
     mask = load_mask(item.mask, loaded, threshold=item.settings.mask_threshold)
     result = pipe(image=loaded, mask_image=mask, **pipeline_kwargs(item.settings))
     protect = [item.image] + ([item.mask] if item.mask else [])
-    save_results(item.outputs, result, output_metadata(item.settings, pipe, result), loaded, protect,
-                 overwrite_input=False)
+    save_results(
+        item.outputs, result, output_metadata(item.settings, pipe, result), loaded, protect, overwrite_input=False
+    )
     return "the mask is empty: the output is the input unchanged" if result.plan.empty_mask else None
 
 
@@ -433,8 +481,10 @@ def failure_message(err: Exception) -> str:
     if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # let the next item start from a clean pool
-        return (f"out of memory ({type(err).__name__}); lower --patch-batch-size, use --cpu-offload or "
-                "--dtype fp16, or run fewer processes per GPU")
+        return (
+            f"out of memory ({type(err).__name__}); lower --patch-batch-size, use --cpu-offload or "
+            "--dtype fp16, or run fewer processes per GPU"
+        )
     if isinstance(err, USER_ERRORS):
         return str(err)
     traceback.print_exc()
@@ -444,9 +494,15 @@ def failure_message(err: Exception) -> str:
 def record(item: Item, status: str, error: str | None = None, seconds: float = 0.0, **extra) -> dict:
     """One line of the report."""
     return {
-        "index": item.index, "item": item.name, "status": status, "error": error, "seconds": round(seconds, 3),
-        "image": str(item.image), "mask": str(item.mask) if item.mask else None,
-        "outputs": [str(p) for p in item.outputs], "settings": item.settings_dict(),
+        "index": item.index,
+        "item": item.name,
+        "status": status,
+        "error": error,
+        "seconds": round(seconds, 3),
+        "image": str(item.image),
+        "mask": str(item.mask) if item.mask else None,
+        "outputs": [str(p) for p in item.outputs],
+        "settings": item.settings_dict(),
         **{key: value for key, value in extra.items() if value is not None},
     }
 
@@ -456,8 +512,11 @@ def warn_other_settings(skipped) -> None:
     stale = [(item, differing) for item, differing in skipped if differing]
     if stale:
         item, differing = stale[0]
-        print(f"batch: warning: {len(stale)} skipped item(s) were made with other settings (e.g. {item.name}: "
-              f"{', '.join(differing)}); pass --overwrite to redo them", file=sys.stderr)
+        print(
+            f"batch: warning: {len(stale)} skipped item(s) were made with other settings (e.g. {item.name}: "
+            f"{', '.join(differing)}); pass --overwrite to redo them",
+            file=sys.stderr,
+        )
 
 
 def write_report(path: Path, records: list[dict]) -> None:
@@ -469,9 +528,11 @@ def summarize(records: list[dict], seconds: float, report: Path) -> int:
     """Print the counts and throughput; exit code 1 if any item failed."""
     counts = {status: sum(r["status"] == status for r in records) for status in ("done", "skipped", "failed")}
     rate = counts["done"] * 3600 / seconds if seconds > 0 else 0.0
-    print(f"batch: {counts['done']} done, {counts['skipped']} skipped (outputs exist; --overwrite redoes them), "
-          f"{counts['failed']} failed in {seconds:.1f} s ({rate:.0f} images/hour); report: {report}",
-          file=sys.stderr)
+    print(
+        f"batch: {counts['done']} done, {counts['skipped']} skipped (outputs exist; --overwrite redoes them), "
+        f"{counts['failed']} failed in {seconds:.1f} s ({rate:.0f} images/hour); report: {report}",
+        file=sys.stderr,
+    )
     failed = [r for r in records if r["status"] == "failed"]
     for r in failed[:10]:
         print(f"  failed: {r['item']}: {r['error']}", file=sys.stderr)

@@ -35,8 +35,10 @@ USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError
 EIGHT_BIT_SUFFIXES = {".jpg", ".jpeg", ".webp"}
 CLEAN_EXIT_SIGNALS = ("SIGTERM", "SIGHUP")  # handled like Ctrl-C: temporary files removed
 
-ADAPTER_HELP = ("Patch-Adapter weights (.safetensors); default: those the model folder ships (the tiny backbone "
-                "does); none: no trained adapters")
+ADAPTER_HELP = (
+    "Patch-Adapter weights (.safetensors); default: those the model folder ships (the tiny backbone "
+    "does); none: no trained adapters"
+)
 
 
 def adapter_argument(text: str):
@@ -46,23 +48,33 @@ def adapter_argument(text: str):
 
 def add_inpaint_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "inpaint", help="fill the masked part of an image, following a prompt",
+        "inpaint",
+        help="fill the masked part of an image, following a prompt",
         description="Inpaint IMAGE inside MASK (white = fill) with Patch-Adapter or a baseline. "
-                    "Pixels outside the mask are returned unchanged, to the bit.",
+        "Pixels outside the mask are returned unchanged, to the bit.",
     )
     p.add_argument("image", help="input image (PNG, JPEG, WebP, TIFF; 8 or 16 bit)")
-    p.add_argument("--mask", help="mask image of the same size: white = fill, black = keep, grey thresholded at "
-                                  "--mask-threshold. Without it, the image's alpha channel is the mask "
-                                  "(transparent = fill)")
+    p.add_argument(
+        "--mask",
+        help="mask image of the same size: white = fill, black = keep, grey thresholded at "
+        "--mask-threshold. Without it, the image's alpha channel is the mask "
+        "(transparent = fill)",
+    )
     p.add_argument("-o", "--output", help="output file (.png/.tif keep 16 bits) or folder; required unless --plan")
     p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file itself")
-    p.add_argument("--allow-lossy", action="store_true",
-                   help="allow outputs that change pixels outside the mask: JPEG, or a 16-bit input written "
-                        "as 8-bit .webp/.jpg (without it they are refused; .png, .tif and .webp are lossless)")
+    p.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="allow outputs that change pixels outside the mask: JPEG, or a 16-bit input written "
+        "as 8-bit .webp/.jpg (without it they are refused; .png, .tif and .webp are lossless)",
+    )
     add_settings_options(p)
     add_model_options(p)
-    p.add_argument("--plan", action="store_true",
-                   help="print the tile plan, UNet evaluation count and memory estimate; run nothing")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the tile plan, UNet evaluation count and memory estimate; run nothing",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_inpaint)
 
@@ -70,18 +82,24 @@ def add_inpaint_parser(subparsers) -> None:
 def add_model_options(p, with_scheduler: bool = True) -> None:
     """Flags of the model, loaded once: shared by `inpaint`, `batch` and `serve` (whose page picks the sampler)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny",
-                   help="'tiny' (built in, offline), a diffusers folder, a single-file .safetensors checkpoint, "
-                        "or a hub id (default: tiny)")
+    g.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (built in, offline), a diffusers folder, a single-file .safetensors checkpoint, "
+        "or a hub id (default: tiny)",
+    )
     g.add_argument("--config", default=None, help="for a single-file checkpoint: a diffusers folder with its configs")
     g.add_argument("--adapter", default=None, type=adapter_argument, help=ADAPTER_HELP)
     g.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu (default: auto)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="weights precision (default: fp16 on cuda, fp32 elsewhere)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="weights precision (default: fp16 on cuda, fp32 elsewhere)",
+    )
     g.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves GPU memory)")
     if with_scheduler:
-        g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
-                       help="sampler (default: the model's own)")
+        g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default: the model's own)")
 
 
 def add_settings_options(p) -> None:
@@ -94,8 +112,12 @@ def add_settings_options(p) -> None:
     g.add_argument("--refine-steps", type=int, default=None, help="denoising steps of the patches (default: --steps)")
     g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     g.add_argument("--strength", type=float, default=0.9999, help="noise of the whole-image pass (default 0.9999)")
-    g.add_argument("--refine-strength", type=float, default=0.6,
-                   help="noise the patches start from, 1.0 = pure noise (default 0.6)")
+    g.add_argument(
+        "--refine-strength",
+        type=float,
+        default=0.6,
+        help="noise the patches start from, 1.0 = pure noise (default 0.6)",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--num-images", type=int, default=1, help="how many results (default 1)")
     g.add_argument("--dca-scale", type=float, default=1.0, help="Dual Context Adapter strength (default 1)")
@@ -103,21 +125,40 @@ def add_settings_options(p) -> None:
     g.add_argument("--tile-size", type=int, default=None, help="patch size in px (default: the native size)")
     g.add_argument("--tile-overlap", type=int, default=None, help="patch overlap in px (default: native / 4)")
     g.add_argument("--mask-dilation", type=int, default=0, help="grow the regenerated region by N px (default 0)")
-    g.add_argument("--mask-feather", type=int, default=0,
-                   help="blend the fill into the original over N px inside the mask (default 0)")
+    g.add_argument(
+        "--mask-feather",
+        type=int,
+        default=0,
+        help="blend the fill into the original over N px inside the mask (default 0)",
+    )
     g.add_argument("--mask-threshold", type=float, default=0.5, help="grey level that counts as fill (default 0.5)")
     g.add_argument("--crop-margin", type=int, default=None, help="crop baseline: margin around the mask in px")
-    g.add_argument("--patch-batch-size", type=int, default=None,
-                   help="stage-2 patches per UNet call: faster, more memory (default: the most that fit "
-                        "--max-memory, up to 8)")
-    g.add_argument("--max-memory", type=memory_size, default=None,
-                   help="memory the inpaint may use on its device, weights included, e.g. 20GiB or 16GB "
-                        "(default: what the device has free); stage 2 picks its patch batch and where it keeps "
-                        "reference banks to fit")
-    g.add_argument("--reference-banks", default="auto", choices=("auto",) + BANK_PLACEMENTS,
-                   help="where stage 2 keeps the reference banks (default auto: the first that fits)")
-    g.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="rescale classifier-free guidance, as diffusers' guidance_rescale (default 0)")
+    g.add_argument(
+        "--patch-batch-size",
+        type=int,
+        default=None,
+        help="stage-2 patches per UNet call: faster, more memory (default: the most that fit --max-memory, up to 8)",
+    )
+    g.add_argument(
+        "--max-memory",
+        type=memory_size,
+        default=None,
+        help="memory the inpaint may use on its device, weights included, e.g. 20GiB or 16GB "
+        "(default: what the device has free); stage 2 picks its patch batch and where it keeps "
+        "reference banks to fit",
+    )
+    g.add_argument(
+        "--reference-banks",
+        default="auto",
+        choices=("auto",) + BANK_PLACEMENTS,
+        help="where stage 2 keeps the reference banks (default auto: the first that fits)",
+    )
+    g.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="rescale classifier-free guidance, as diffusers' guidance_rescale (default 0)",
+    )
 
 
 #: InpaintSettings field -> the flag's name in an argparse namespace (and a batch manifest column)
@@ -130,13 +171,14 @@ def settings_from_args(args) -> InpaintSettings:
     A refused setting is named by its flag, as the user wrote it.
     """
     try:
-        return InpaintSettings(**{field: getattr(args, flag) for field, flag in SETTINGS_FLAGS.items()
-                                  if hasattr(args, flag)})
+        return InpaintSettings(
+            **{field: getattr(args, flag) for field, flag in SETTINGS_FLAGS.items() if hasattr(args, flag)}
+        )
     except SettingsError as error:
         message = str(error)
         for field, flag in SETTINGS_FLAGS.items():
             if message.startswith(field + " "):
-                raise SettingsError("--" + flag.replace("_", "-") + message[len(field):]) from None
+                raise SettingsError("--" + flag.replace("_", "-") + message[len(field) :]) from None
         raise
 
 
@@ -164,10 +206,20 @@ def native_size_of(model: str) -> int:
 
 def memory_size(text: str) -> int:
     """--max-memory: a byte count with an optional unit (KB, MB, GB, TB; KiB, MiB, GiB, TiB)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
     number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz ")
-    unit = text.strip().lower()[len(number):].strip()
+    unit = text.strip().lower()[len(number) :].strip()
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
@@ -211,8 +263,7 @@ def run_inpaint(args) -> int:
     paths = output_paths(args.output, args.image, args.num_images)
     validate_inpaint_args(args, loaded, mask, paths, settings_from_args(args))
     if not mask.any():
-        print("note: the mask marks no pixel to fill (white = fill); the output will equal the input",
-              file=sys.stderr)
+        print("note: the mask marks no pixel to fill (white = fill); the output will equal the input", file=sys.stderr)
     protect = [] if args.overwrite_input else [args.image] + ([args.mask] if args.mask else [])
 
     # 2. Model
@@ -245,8 +296,13 @@ def load_pipeline(args, device=None):
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
     pipe = PatchAdapterPipeline.from_pretrained(
-        args.model, adapter=args.adapter, device=str(device), dtype=dtype, cpu_offload=args.cpu_offload,
-        config=args.config, scheduler=args.scheduler,
+        args.model,
+        adapter=args.adapter,
+        device=str(device),
+        dtype=dtype,
+        cpu_offload=args.cpu_offload,
+        config=args.config,
+        scheduler=args.scheduler,
     )
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     return pipe
@@ -256,17 +312,27 @@ def pipeline_kwargs(args) -> dict:
     """The flags as pipeline keywords (settings, prompts, seeded generator): one mapping for inpaint and batch."""
     import torch
 
-    return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, settings=settings_from_args(args),
-                generator=torch.Generator().manual_seed(args.seed), num_images_per_prompt=args.num_images)
+    return dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        settings=settings_from_args(args),
+        generator=torch.Generator().manual_seed(args.seed),
+        num_images_per_prompt=args.num_images,
+    )
 
 
 def output_metadata(args, pipe, result) -> dict:
     """What a result file records of how it was made (PNG text chunk or .json sidecar): the resolved settings."""
     return {
-        "patch_adapter_version": __version__, "model": args.model, "adapter": args.adapter,
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "patch_adapter_version": __version__,
+        "model": args.model,
+        "adapter": args.adapter,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
         **result.plan.settings.as_dict(),
-        "scheduler": type(pipe.scheduler).__name__, "unet_forwards": result.plan.unet_forwards,
+        "scheduler": type(pipe.scheduler).__name__,
+        "unet_forwards": result.plan.unet_forwards,
     }
 
 
@@ -274,19 +340,30 @@ def save_results(paths, result, metadata, loaded, protect, overwrite_input) -> N
     """Write each result atomically, in the input's bit depth where the format holds it, never over an input."""
     for index, (path, pixels) in enumerate(zip(paths, result.arrays, strict=True)):
         if pixels.dtype == np.uint16 and path.suffix.lower() in EIGHT_BIT_SUFFIXES:  # --allow-lossy
-            print(f"note: {path.suffix} holds 8 bits; the 16-bit result is written as 8-bit "
-                  f"(use .png or .tif to keep 16 bits)", file=sys.stderr)
+            print(
+                f"note: {path.suffix} holds 8 bits; the 16-bit result is written as 8-bit "
+                f"(use .png or .tif to keep 16 bits)",
+                file=sys.stderr,
+            )
             pixels = from_float(to_float(pixels), np.uint8)
-        save_image(path, pixels, metadata={**metadata, "index": index}, protect=protect,
-                   overwrite_input=overwrite_input, icc_profile=loaded.icc_profile,
-                   exif=loaded.exif, xmp=loaded.xmp)
+        save_image(
+            path,
+            pixels,
+            metadata={**metadata, "index": index},
+            protect=protect,
+            overwrite_input=overwrite_input,
+            icc_profile=loaded.icc_profile,
+            exif=loaded.exif,
+            xmp=loaded.xmp,
+        )
 
 
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="offline demo: a procedural scene inpainted by Patch-Adapter and two baselines",
+        "demo",
+        help="offline demo: a procedural scene inpainted by Patch-Adapter and two baselines",
         description="Render a scene at --size, mask a free area, ask for an object there, and inpaint it with "
-                    "patch-adapter, resize and tiled. Writes each result and comparison.png into OUT.",
+        "patch-adapter, resize and tiled. Writes each result and comparison.png into OUT.",
     )
     p.add_argument("-o", "--output", required=True, help="folder for the PNGs")
     p.add_argument("--size", type=int, default=512, help="scene side in px (default 512: 4x the tiny native size)")
@@ -313,8 +390,10 @@ def run_demo_command(args) -> int:
     print(f"prompt: {report['prompt']!r} ({time.perf_counter() - started:.1f} s)")
     print("| method | prompt followed | sharpness (truth) | seam (truth) | pixels changed outside the mask |")
     for method, s in report["scores"].items():
-        print(f"| {method} | {s['prompt_followed']} | {s['sharpness']:.2f} ({s['sharpness_truth']:.2f}) | "
-              f"{s['seam']:.2f} ({s['seam_truth']:.2f}) | {s['outside_changed_pixels']} |")
+        print(
+            f"| {method} | {s['prompt_followed']} | {s['sharpness']:.2f} ({s['sharpness_truth']:.2f}) | "
+            f"{s['seam']:.2f} ({s['seam_truth']:.2f}) | {s['outside_changed_pixels']} |"
+        )
     print(f"wrote {Path(args.output) / 'comparison.png'}")
     return 0
 
@@ -350,8 +429,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"patch-adapter: stopped by {signal.Signals(signum).name}; no partial file was left",
-              file=sys.stderr)
+        print(f"patch-adapter: stopped by {signal.Signals(signum).name}; no partial file was left", file=sys.stderr)
         return 128 + signum
 
 
@@ -366,6 +444,7 @@ class Stopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_cleanly_on_signals():
     """The default SIGTERM/SIGHUP action kills the process before `finally` blocks run."""
+
     def raise_stopped(signum, frame):
         raise Stopped(signum)
 

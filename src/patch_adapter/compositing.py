@@ -25,8 +25,13 @@ def with_opaque_alpha(fill: np.ndarray, channels: int) -> np.ndarray:
     return np.concatenate([fill, np.ones_like(fill[..., :1])], axis=2)
 
 
-def composite(original: np.ndarray, fill: np.ndarray, mask: np.ndarray, alpha: np.ndarray | None = None,
-              offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+def composite(
+    original: np.ndarray,
+    fill: np.ndarray,
+    mask: np.ndarray,
+    alpha: np.ndarray | None = None,
+    offset: tuple[int, int] = (0, 0),
+) -> np.ndarray:
     """Write `fill` into a copy of `original` inside `mask`; everything else is untouched.
 
     original: (H, W, C) uint8/uint16. fill: (h, w, C) float in [0, 1], placed at
@@ -35,12 +40,17 @@ def composite(original: np.ndarray, fill: np.ndarray, mask: np.ndarray, alpha: n
     return composite_into(original.copy(), fill, mask, alpha, offset)
 
 
-def composite_into(out: np.ndarray, fill: np.ndarray, mask: np.ndarray, alpha: np.ndarray | None = None,
-                   offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+def composite_into(
+    out: np.ndarray,
+    fill: np.ndarray,
+    mask: np.ndarray,
+    alpha: np.ndarray | None = None,
+    offset: tuple[int, int] = (0, 0),
+) -> np.ndarray:
     """`composite` in place: several fills into one copy of a large image."""
     top, left = offset
     h, w = mask.shape
-    window = out[top: top + h, left: left + w]
+    window = out[top : top + h, left : left + w]
     if alpha is None:
         alpha = mask.astype(np.float32)
     blended = alpha[..., None] * fill + (1 - alpha[..., None]) * to_float(window)

@@ -144,9 +144,7 @@ class LoadedImage:
 def check_image_size(width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Refuse an image whose header claims more than ``max_pixels``, before decoding any of it."""
     if width <= 0 or height <= 0:
-        raise ImageInputError(
-            f"image header claims a size of {width}x{height}; the file is corrupt, re-export it"
-        )
+        raise ImageInputError(f"image header claims a size of {width}x{height}; the file is corrupt, re-export it")
     pixels = width * height
     if pixels > max_pixels:
         raise ImageInputError(
@@ -192,9 +190,7 @@ def _open_header(path: str, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(path)
     except UnidentifiedImageError:
-        raise ImageInputError(
-            f"{path} is not an image file that can be read; use PNG, JPEG, WebP or TIFF"
-        ) from None
+        raise ImageInputError(f"{path} is not an image file that can be read; use PNG, JPEG, WebP or TIFF") from None
     except Image.DecompressionBombError as exc:
         raise ImageInputError(
             f"{path} is too large to open safely ({exc}); the limit is {max_pixels:,} pixels: "
@@ -205,8 +201,7 @@ def _open_header(path: str, max_pixels: int) -> Image.Image:
     try:
         if im.format not in _READABLE_FORMATS:
             raise ImageInputError(
-                f"{path} is a {im.format} image, which is not supported; "
-                "convert it to PNG, JPEG, WebP or TIFF"
+                f"{path} is a {im.format} image, which is not supported; convert it to PNG, JPEG, WebP or TIFF"
             )
         check_image_size(im.width, im.height, max_pixels)
     except BaseException:
@@ -279,8 +274,13 @@ def _load_with_pillow(name: str, max_pixels: int) -> LoadedImage:
             pixels, alpha = _decode_8bit(im)
         icc_profile, exif, xmp = _kept_metadata(im)
         return LoadedImage(
-            pixels=pixels, alpha=alpha, path=name, format=im.format, icc_profile=icc_profile,
-            exif=exif, xmp=xmp,
+            pixels=pixels,
+            alpha=alpha,
+            path=name,
+            format=im.format,
+            icc_profile=icc_profile,
+            exif=exif,
+            xmp=xmp,
         )
 
 
@@ -290,8 +290,13 @@ def loaded_from_pil(im: Image.Image) -> LoadedImage:
     pixels, alpha = _pil_to_arrays(upright)
     icc_profile, exif, xmp = _kept_metadata(upright)
     return LoadedImage(
-        pixels=pixels, alpha=alpha, path=None, format=im.format, icc_profile=icc_profile,
-        exif=exif, xmp=xmp,
+        pixels=pixels,
+        alpha=alpha,
+        path=None,
+        format=im.format,
+        icc_profile=icc_profile,
+        exif=exif,
+        xmp=xmp,
     )
 
 
@@ -311,9 +316,7 @@ def _refuse_inexact(im: Image.Image, path: str) -> None:
             f"lost: export the one you want as a single-image {im.format} file"
         )
     if im.format == "TIFF" and im.tag_v2.get(338):  # ExtraSamples: tifffile reads those
-        raise ImageInputError(
-            f"{path} combines extra channels with a {im.mode} colour space; save it as RGB(A)"
-        )
+        raise ImageInputError(f"{path} combines extra channels with a {im.mode} colour space; save it as RGB(A)")
 
 
 def _kept_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes | None]:
@@ -380,9 +383,7 @@ def _pil_to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         grey = np.asarray(im).astype(np.uint16)  # I;16B is big-endian: make it native
         return np.repeat(grey[:, :, None], 3, axis=2), _trns_alpha(grey, im.info.get("transparency"))
     if im.mode in ("I", "F"):
-        raise ImageInputError(
-            f"{im.mode!r} (32-bit) images are not supported; convert to 8- or 16-bit first"
-        )
+        raise ImageInputError(f"{im.mode!r} (32-bit) images are not supported; convert to 8- or 16-bit first")
     if im.mode in ("RGBa", "La"):
         raise ImageInputError(
             f"{im.mode!r} images have premultiplied alpha, which cannot be returned unchanged; "
@@ -415,9 +416,7 @@ def _decode_16bit_png(im: Image.Image, path: str) -> tuple[np.ndarray, np.ndarra
     if decoded is None:
         raise OSError("OpenCV could not decode it")
     if decoded.dtype != np.uint16:
-        raise ImageInputError(
-            f"{path} decoded as {decoded.dtype}, not 16-bit; convert it to an 8- or 16-bit PNG"
-        )
+        raise ImageInputError(f"{path} decoded as {decoded.dtype}, not 16-bit; convert it to an 8- or 16-bit PNG")
     if decoded.ndim == 2:  # OpenCV turns an RGB tRNS colour into alpha, but not a grey one
         alpha = _trns_alpha(decoded, im.info.get("transparency"))
         pixels = np.repeat(decoded[:, :, None], 3, axis=2)
@@ -519,7 +518,10 @@ def _load_tiff(path: str, max_pixels: int) -> LoadedImage | None:
         alpha = _tiff_colours(data[:, :, colours:], 1, bits, None)[:, :, 0]
     pixels, alpha = _oriented(pixels, alpha, orientation)
     return LoadedImage(
-        pixels=pixels, alpha=alpha, path=path, format="TIFF",
+        pixels=pixels,
+        alpha=alpha,
+        path=path,
+        format="TIFF",
         icc_profile=_rgb_profile(icc_profile),
         xmp=_upright_xmp(xmp),
     )
@@ -570,9 +572,7 @@ def _tiff_colours(data: np.ndarray, photometric: int, bits: int, colormap: Any) 
     return np.ascontiguousarray(data)
 
 
-def _oriented(
-    pixels: np.ndarray, alpha: np.ndarray | None, orientation: int
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _oriented(pixels: np.ndarray, alpha: np.ndarray | None, orientation: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Pixels and alpha turned upright, for decoders that ignore the orientation tag."""
     pixels = _apply_orientation(pixels, orientation)
     if alpha is not None:
@@ -580,9 +580,7 @@ def _oriented(
     return pixels, alpha
 
 
-def _split_opencv_channels(
-    decoded: np.ndarray, path: str
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _split_opencv_channels(decoded: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """OpenCV gives grey, BGR or BGRA (grey+alpha arrives as BGRA); return RGB + alpha."""
     if decoded.ndim == 2:
         return np.repeat(decoded[:, :, None], 3, axis=2), None
@@ -593,9 +591,7 @@ def _split_opencv_channels(
         return np.ascontiguousarray(decoded[:, :, ::-1]), None
     if channels == 4:
         return np.ascontiguousarray(decoded[:, :, 2::-1]), np.ascontiguousarray(decoded[:, :, 3])
-    raise ImageInputError(
-        f"{path} has {channels} channels, which is not supported; convert it to RGB or RGBA"
-    )
+    raise ImageInputError(f"{path} has {channels} channels, which is not supported; convert it to RGB or RGBA")
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -637,8 +633,7 @@ def _import_cv2() -> Any:
         import cv2
     except ImportError:
         raise ImageInputError(
-            "16-bit PNG/TIFF files need OpenCV; install it with "
-            "`pip install opencv-python-headless`"
+            "16-bit PNG/TIFF files need OpenCV; install it with `pip install opencv-python-headless`"
         ) from None
     return cv2
 
@@ -700,9 +695,7 @@ def _mask_from_alpha(image: LoadedImage, threshold: float) -> np.ndarray:
     return image.alpha < threshold * image.max_value
 
 
-def _mask_from_pixels(
-    pixels: np.ndarray, alpha: np.ndarray | None, threshold: float
-) -> np.ndarray:
+def _mask_from_pixels(pixels: np.ndarray, alpha: np.ndarray | None, threshold: float) -> np.ndarray:
     """Light = fill; fully transparent = keep (a mask painted on a transparent layer)."""
     max_value = 65535 if pixels.dtype == np.uint16 else 255
     mask = _luminance_at_least(pixels, threshold * max_value)
@@ -745,8 +738,7 @@ def _mask_from_array(array: np.ndarray, threshold: float) -> np.ndarray:
         array = array[:, :, 0]
     if array.ndim != 2:
         raise ImageInputError(
-            f"a mask array must be 2-D (H, W), got shape {array.shape}; "
-            "pass one channel, e.g. mask[..., 0]"
+            f"a mask array must be 2-D (H, W), got shape {array.shape}; pass one channel, e.g. mask[..., 0]"
         )
     if array.dtype == np.bool_:
         return array.copy()
@@ -758,8 +750,7 @@ def _mask_from_array(array: np.ndarray, threshold: float) -> np.ndarray:
         low, high = float(np.min(array)), float(np.max(array))
         if not (0.0 <= low and high <= 1.0):  # also catches NaN
             raise ImageInputError(
-                f"a float mask must hold values in [0, 1], got [{low}, {high}]; "
-                "divide by its maximum (e.g. 255) first"
+                f"a float mask must hold values in [0, 1], got [{low}, {high}]; divide by its maximum (e.g. 255) first"
             )
         return array >= threshold
     raise ImageInputError(
@@ -874,9 +865,7 @@ def save_image(
             "convert float pixels with from_float(x, np.uint8)"
         )
     if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or 0 in pixels.shape:
-        raise ImageInputError(
-            f"pixels to save must have shape (H, W, 3) or (H, W, 4), got {pixels.shape}"
-        )
+        raise ImageInputError(f"pixels to save must have shape (H, W, 3) or (H, W, 4), got {pixels.shape}")
     bit_depth = 16 if pixels.dtype == np.uint16 else 8
     if bit_depth == 16 and target.suffix.lower() in (".jpg", ".jpeg", ".webp"):
         raise ImageInputError(
@@ -884,8 +873,12 @@ def save_image(
             "pixels; use .png or .tif to keep 16 bits (or convert to 8-bit first)"
         )
     file_format = check_output_path(
-        target, (pixels.shape[1], pixels.shape[0]), bit_depth, pixels.shape[2] == 4,
-        allow_lossy=True, protect=() if overwrite_input else protect,
+        target,
+        (pixels.shape[1], pixels.shape[0]),
+        bit_depth,
+        pixels.shape[2] == 4,
+        allow_lossy=True,
+        protect=() if overwrite_input else protect,
     )
     metadata_json = None if metadata is None else json.dumps(metadata, sort_keys=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -927,13 +920,11 @@ def check_output_path(
     lossy_hint = "write .png, .tif or .webp (lossless) instead, or pass --allow-lossy"
     if not allow_lossy and file_format in LOSSY_FORMATS:
         raise ImageInputError(
-            f"{target.name}: JPEG is lossy and would change the pixels outside the mask; "
-            + lossy_hint
+            f"{target.name}: JPEG is lossy and would change the pixels outside the mask; " + lossy_hint
         )
     if has_alpha and file_format == "JPEG":
         raise ImageInputError(
-            f"{target.name}: JPEG has no alpha channel and the transparency would be lost; "
-            "save as .png, .tif or .webp"
+            f"{target.name}: JPEG has no alpha channel and the transparency would be lost; save as .png, .tif or .webp"
         )
     if not allow_lossy and bit_depth == 16 and file_format in ("JPEG", "WEBP"):
         raise ImageInputError(
@@ -965,9 +956,7 @@ def _check_writable(target: Path) -> None:
             pass
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror or exc
-        raise ImageInputError(
-            f"cannot write into {folder} ({reason}); choose another output folder"
-        ) from None
+        raise ImageInputError(f"cannot write into {folder} ({reason}); choose another output folder") from None
 
 
 def _format_for(target: Path) -> str:
@@ -989,8 +978,7 @@ def _refuse_protected(target: Path, protect: Iterable[PathLike]) -> None:
         protected = Path(os.fsdecode(item))
         if _same_file(target, protected):
             raise ImageInputError(
-                f"refusing to overwrite the input {protected}; choose another output or pass "
-                "overwrite_input=True"
+                f"refusing to overwrite the input {protected}; choose another output or pass overwrite_input=True"
             )
 
 
@@ -1126,8 +1114,13 @@ def _write_tiff(f: IO[bytes], pixels: np.ndarray, icc_profile: bytes | None, xmp
         tags.append((700, "B", len(xmp), xmp, True))
     encoded = io.BytesIO()  # tifffile wants a named file or a buffer, not a descriptor
     tifffile.imwrite(
-        encoded, np.ascontiguousarray(pixels), photometric="rgb", compression="zlib",
-        extrasamples=[2] if pixels.shape[2] == 4 else None, extratags=tags, metadata=None,
+        encoded,
+        np.ascontiguousarray(pixels),
+        photometric="rgb",
+        compression="zlib",
+        extrasamples=[2] if pixels.shape[2] == 4 else None,
+        extratags=tags,
+        metadata=None,
     )
     f.write(encoded.getbuffer())
 
@@ -1189,7 +1182,6 @@ def read_metadata(path: PathLike) -> dict:
         ) from None
     if not isinstance(value, dict):
         raise ImageInputError(
-            f"the patch_adapter metadata of {name} is not a JSON object; "
-            "the file was edited or written by another tool"
+            f"the patch_adapter metadata of {name} is not a JSON object; the file was edited or written by another tool"
         )
     return value

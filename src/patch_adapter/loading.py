@@ -78,8 +78,10 @@ def check_keywords(cls, kwargs: dict, loaders, method: str = "from_pretrained") 
     """Refuse keywords no loader of `loaders` nor the pipeline's __init__ takes (diffusers only logs them)."""
     refused = sorted(set(kwargs) & set(REFUSED_KEYWORDS))
     if refused:
-        raise TypeError(f"{cls.__name__}.{method} does not take {', '.join(refused)}: it always builds "
-                        f"{cls.__name__} (use DiffusionPipeline.from_pretrained for other pipelines)")
+        raise TypeError(
+            f"{cls.__name__}.{method} does not take {', '.join(refused)}: it always builds "
+            f"{cls.__name__} (use DiffusionPipeline.from_pretrained for other pipelines)"
+        )
     expected, optional = cls._get_signature_keys(cls)
     known = set(expected) | set(optional) | set(OUR_KEYWORDS)
     for loader in loaders:
@@ -115,17 +117,26 @@ def our_keywords(kwargs: dict):
     return adapter, device, cpu_offload, scheduler, dtype
 
 
-PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
-                    "AttnProcessorNPU", "FusedAttnProcessor2_0")
+PLAIN_PROCESSORS = (
+    "AttnProcessor",
+    "AttnProcessor2_0",
+    "XFormersAttnProcessor",
+    "SlicedAttnProcessor",
+    "AttnProcessorNPU",
+    "FusedAttnProcessor2_0",
+)
 """diffusers' processors that compute plain attention: ours compute the same, nothing is lost."""
 
 
 def own_processors(unet) -> dict:
     """{name: processor} of a UNet's processors that do more than plain attention and are not ours
     (an IP-Adapter's, a LoRA-era custom one): installing the adapters must not drop them unnoticed."""
-    return {name: proc for name, proc in unet.attn_processors.items()
-            if type(proc).__name__ not in PLAIN_PROCESSORS
-            and not isinstance(proc, (DualContextAttnProcessor, ReferencePatchAttnProcessor))}
+    return {
+        name: proc
+        for name, proc in unet.attn_processors.items()
+        if type(proc).__name__ not in PLAIN_PROCESSORS
+        and not isinstance(proc, (DualContextAttnProcessor, ReferencePatchAttnProcessor))
+    }
 
 
 def still_present(proc, unet) -> bool:
@@ -144,9 +155,13 @@ def warn_replaced(before: dict, unet, where: str) -> None:
     lost = {name: proc for name, proc in before.items() if not still_present(proc, unet)}
     if lost:
         kinds = sorted({type(p).__name__ for p in lost.values()})
-        warnings.warn(f"{where}: the UNet came with its own attention processors ({', '.join(kinds)} on "
-                      f"{len(lost)} layers), which installing the Patch-Adapter processors replaced; "
-                      "load them (e.g. load_ip_adapter) after building the pipeline", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: the UNet came with its own attention processors ({', '.join(kinds)} on "
+            f"{len(lost)} layers), which installing the Patch-Adapter processors replaced; "
+            "load them (e.g. load_ip_adapter) after building the pipeline",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def hub_adapter(repo_id: str, revision=None, cache_dir=None, token=None, local_files_only=None) -> Path | None:
@@ -162,8 +177,16 @@ def hub_adapter(repo_id: str, revision=None, cache_dir=None, token=None, local_f
     absent = cached is not None  # the cache remembers that the repo has no such file
     if not absent:
         try:
-            return Path(hf_hub_download(repo_id, BUNDLED_ADAPTER_FILE, revision=revision, cache_dir=cache_dir,
-                                        token=token, local_files_only=bool(local_files_only)))
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    BUNDLED_ADAPTER_FILE,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    token=token,
+                    local_files_only=bool(local_files_only),
+                )
+            )
         except EntryNotFoundError:
             absent = True
         except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as err:
@@ -171,12 +194,18 @@ def hub_adapter(repo_id: str, revision=None, cache_dir=None, token=None, local_f
                 f"could not check {repo_id} for {BUNDLED_ADAPTER_FILE} (offline, and not in the cache: "
                 f"{type(err).__name__}); the adapters are at their initial weights. Pass adapter=PATH (CLI: "
                 f"--adapter PATH), download it with `hf download {repo_id} {BUNDLED_ADAPTER_FILE}`, or pass "
-                "adapter=False to say you want none.", UserWarning, stacklevel=3)
+                "adapter=False to say you want none.",
+                UserWarning,
+                stacklevel=3,
+            )
             return None
     if absent:
-        warnings.warn(f"{repo_id} ships no {BUNDLED_ADAPTER_FILE}: the adapters are at their initial weights "
-                      "(pass adapter=PATH for trained ones, or adapter=False to say you want none)",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{repo_id} ships no {BUNDLED_ADAPTER_FILE}: the adapters are at their initial weights "
+            "(pass adapter=PATH for trained ones, or adapter=False to say you want none)",
+            UserWarning,
+            stacklevel=3,
+        )
     return None
 
 
@@ -255,21 +284,28 @@ class PatchAdapterLoadingMixin:
                 pipe = super().from_pretrained(resolved, dtype=dtype, **kwargs)
             except Exception as err:  # connection errors, missing cache entries, 404s
                 raise BackboneLoadError(
-                    _offline_hint(source) + f"\n(underlying error: {type(err).__name__}: {err})") from err
+                    _offline_hint(source) + f"\n(underlying error: {type(err).__name__}: {err})"
+                ) from err
         check_inpainting_backbone({"unet": pipe.unet}, source)
         if before:
             warn_replaced(before, pipe.unet, f"{cls.__name__}.from_pretrained(unet=...)")
         if adapter is None or adapter is True:
             if kind == "hub":
-                found = hub_adapter(resolved, kwargs.get("revision"), kwargs.get("cache_dir"), kwargs.get("token"),
-                                    kwargs.get("local_files_only"))
+                found = hub_adapter(
+                    resolved,
+                    kwargs.get("revision"),
+                    kwargs.get("cache_dir"),
+                    kwargs.get("token"),
+                    kwargs.get("local_files_only"),
+                )
             else:
                 found = bundled_adapter(resolved)
             if adapter is True and found is None:
                 raise BackboneLoadError(f"adapter=True, but {source} ships no {BUNDLED_ADAPTER_FILE}")
             adapter = found
-        return pipe._finish_loading(source, adapter, scheduler, device, cpu_offload,
-                                    placed=kwargs.get("device_map") is not None)
+        return pipe._finish_loading(
+            source, adapter, scheduler, device, cpu_offload, placed=kwargs.get("device_map") is not None
+        )
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
@@ -431,5 +467,3 @@ def register_for_auto_pipelines(pipeline_class) -> None:
         from collections import OrderedDict
 
         tables.append(OrderedDict([("stable-diffusion-xl", pipeline_class)]))
-
-

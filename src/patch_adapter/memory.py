@@ -86,8 +86,9 @@ def traced_peak(fn, ignore=()) -> int:
 
 
 def module_bytes(*modules) -> int:
-    return sum(t.numel() * t.element_size() for m in modules if m is not None
-               for t in list(m.parameters()) + list(m.buffers()))
+    return sum(
+        t.numel() * t.element_size() for m in modules if m is not None for t in list(m.parameters()) + list(m.buffers())
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -128,7 +129,8 @@ class MemoryEstimate:
             f"denoise {mib(self.stage2_denoise)} with {mib(self.banks)} of reference banks, "
             f"decode {mib(self.stage2_decode)}); patch batch {self.patch_batch_size}, "
             f"reference banks on the {self.bank_placement}"
-            + f" ({mib(self.bank_per_patch)} a patch)" * (self.bank_per_patch > 0)
+            + f" ({mib(self.bank_per_patch)} a patch)"
+            * (self.bank_per_patch > 0)
         )
 
 
@@ -164,9 +166,13 @@ class PhaseTracer:
             extra = {}
             if self.unet.config.time_cond_proj_dim is not None:  # a guidance-distilled UNet
                 extra["timestep_cond"] = torch.empty(b, self.unet.config.time_cond_proj_dim, **meta)
-            return (torch.empty(b, self.unet.config.in_channels, height, width, **meta), torch.tensor(1.0),
-                    dict(encoder_hidden_states=torch.empty(b, 77, self.cross_dim, **meta),
-                         added_cond_kwargs=added, **extra))
+            return (
+                torch.empty(b, self.unet.config.in_channels, height, width, **meta),
+                torch.tensor(1.0),
+                dict(
+                    encoder_hidden_states=torch.empty(b, 77, self.cross_dim, **meta), added_cond_kwargs=added, **extra
+                ),
+            )
 
         reference = ReferenceBank()
         if bank:
@@ -176,8 +182,10 @@ class PhaseTracer:
         sample, t, kwargs = inputs(patches * halves)
         mask = torch.empty(1, 1, height, width, device="meta", dtype=self.dtype)
         attention = {"dca_mask": mask, "rpa_bank": reference if bank else None}
-        peak = traced_peak(lambda: self.unet(sample, t, cross_attention_kwargs=attention, **kwargs),
-                           ignore=list(reference.features.values()))
+        peak = traced_peak(
+            lambda: self.unet(sample, t, cross_attention_kwargs=attention, **kwargs),
+            ignore=list(reference.features.values()),
+        )
         return peak, reference.nbytes()
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - as unet_call
@@ -236,8 +244,9 @@ def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "de
     stage1 = 0
     if plan.stage1_size is not None:
         w, h = (s // factor for s in plan.stage1_size)
-        stage1 = max(tracer.unet_call(1, guided, h, w, False)[0], tracer.vae_call(h, w, True),
-                     tracer.vae_call(h, w, False)) + 6 * _latent_bytes(pipe, 1, h, w)
+        stage1 = max(
+            tracer.unet_call(1, guided, h, w, False)[0], tracer.vae_call(h, w, True), tracer.vae_call(h, w, False)
+        ) + 6 * _latent_bytes(pipe, 1, h, w)
     encode = denoise = decode = banks = bank_per_patch = 0
     if plan.tiles:
         regions = plan.regions
@@ -257,9 +266,17 @@ def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "de
         encode = pixels + tracer.vae_call(largest.height, largest.width, False)
         decode = region_latents + tracer.vae_call(largest.height, largest.width, True)
     return MemoryEstimate(
-        device=str(device), dtype=str(pipe.unet.dtype).replace("torch.", ""), weights=weights, stage1=stage1,
-        stage2_encode=encode, stage2_denoise=denoise, stage2_decode=decode, banks=banks,
-        bank_per_patch=bank_per_patch, patch_batch_size=patch_batch_size, bank_placement=bank_placement,
+        device=str(device),
+        dtype=str(pipe.unet.dtype).replace("torch.", ""),
+        weights=weights,
+        stage1=stage1,
+        stage2_encode=encode,
+        stage2_denoise=denoise,
+        stage2_decode=decode,
+        banks=banks,
+        bank_per_patch=bank_per_patch,
+        patch_batch_size=patch_batch_size,
+        bank_placement=bank_placement,
     )
 
 

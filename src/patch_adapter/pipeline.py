@@ -59,8 +59,13 @@ from .validation import LATENT_FACTOR, check_feather, check_integer, check_promp
 OUTPUT_TYPES = ("pil", "np", "pt")
 ADAPTER_ATTENTION_KEYS = {"dca_mask", "dca_scale", "rpa_bank", "rpa_scale"}  # the adapters' per-call inputs
 #: The settings that are also arguments of the stock pipeline, with diffusers' defaults (= InpaintSettings').
-DIFFUSERS_KNOB_DEFAULTS = {"num_inference_steps": 50, "strength": 0.9999, "guidance_scale": 7.5,
-                           "guidance_rescale": 0.0, "eta": 0.0}
+DIFFUSERS_KNOB_DEFAULTS = {
+    "num_inference_steps": 50,
+    "strength": 0.9999,
+    "guidance_scale": 7.5,
+    "guidance_rescale": 0.0,
+    "eta": 0.0,
+}
 
 
 @dataclass
@@ -132,8 +137,10 @@ def as_loaded_image(image) -> LoadedImage:
         if image.ndim == 4 and image.shape[0] == 1:
             image = image[0]
         if image.ndim != 3 or image.shape[0] not in (3, 4) or not image.is_floating_point():
-            raise ValueError(f"an image tensor must be float (3, H, W) or (4, H, W), got {tuple(image.shape)} "
-                             f"{image.dtype}; pass a batch as a list or a (N, C, H, W) tensor")
+            raise ValueError(
+                f"an image tensor must be float (3, H, W) or (4, H, W), got {tuple(image.shape)} "
+                f"{image.dtype}; pass a batch as a list or a (N, C, H, W) tensor"
+            )
         pixels = image.detach().float().cpu()
         if pixels.min() < 0:
             pixels = from_model_range(pixels)  # diffusers' [-1, 1] convention
@@ -142,18 +149,26 @@ def as_loaded_image(image) -> LoadedImage:
         if image.ndim == 4 and image.shape[0] == 1:
             image = image[0]
         floating = np.issubdtype(image.dtype, np.floating)
-        if (image.dtype not in (np.uint8, np.uint16) and not floating) or image.ndim != 3 \
-                or image.shape[2] not in (3, 4):
-            raise ValueError(f"an image array must be (H, W, 3) or (H, W, 4), uint8, uint16 or float in [0, 1]; "
-                             f"got {image.shape} {image.dtype}")
+        if (
+            (image.dtype not in (np.uint8, np.uint16) and not floating)
+            or image.ndim != 3
+            or image.shape[2] not in (3, 4)
+        ):
+            raise ValueError(
+                f"an image array must be (H, W, 3) or (H, W, 4), uint8, uint16 or float in [0, 1]; "
+                f"got {image.shape} {image.dtype}"
+            )
         if floating:
             image = image.astype(np.float32)
             if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-                raise ValueError("a float image must hold finite values in [0, 1] (diffusers' convention); "
-                                 f"got values in [{np.nanmin(image)}, {np.nanmax(image)}]")
+                raise ValueError(
+                    "a float image must hold finite values in [0, 1] (diffusers' convention); "
+                    f"got values in [{np.nanmin(image)}, {np.nanmax(image)}]"
+                )
         alpha = image[..., 3].copy() if image.shape[2] == 4 else None
-        return LoadedImage(pixels=np.ascontiguousarray(image[..., :3]), alpha=alpha, path=None, format=None,
-                           icc_profile=None)
+        return LoadedImage(
+            pixels=np.ascontiguousarray(image[..., :3]), alpha=alpha, path=None, format=None, icc_profile=None
+        )
     raise TypeError(f"image must be a path, a PIL image, a numpy array or a torch tensor, not {type(image).__name__}")
 
 
@@ -199,8 +214,14 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
     """Text-guided inpainting of images of any size with Patch-Adapter (ICCV 2025)."""
 
     #: What `callback_on_step_end_tensor_inputs` may name: the tensors every stage's loop has.
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask",
-                               "masked_image_latents"]
+    _callback_tensor_inputs = [
+        "latents",
+        "prompt_embeds",
+        "add_text_embeds",
+        "add_time_ids",
+        "mask",
+        "masked_image_latents",
+    ]
 
     def __init__(
         self,
@@ -217,10 +238,18 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         force_zeros_for_empty_prompt: bool = True,
     ):
         super().__init__(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
-            feature_extractor=feature_extractor, requires_aesthetics_score=requires_aesthetics_score,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            requires_aesthetics_score=requires_aesthetics_score,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=False,
         )
         install_adapters(self.unet)
         self.record_adapters()  # the pipeline's own reference to the adapters (adapters/guard.py)
@@ -247,8 +276,10 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         if not isinstance(settings, InpaintSettings):
             raise TypeError(f"settings must be an InpaintSettings, not {type(settings).__name__}")
         if given:
-            raise ValueError(f"give either settings= or the keywords {', '.join(sorted(given))}, not both "
-                             "(settings.replace(...) makes a changed copy)")
+            raise ValueError(
+                f"give either settings= or the keywords {', '.join(sorted(given))}, not both "
+                "(settings.replace(...) makes a changed copy)"
+            )
         return settings
 
     def plan(self, image, mask_image=None, settings: InpaintSettings | None = None, **knobs) -> InpaintPlan:
@@ -263,8 +294,10 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
 
     def _plan(self, settings: InpaintSettings, loaded: LoadedImage, mask: np.ndarray) -> InpaintPlan:
         if settings.reference_banks == "host" and self._execution_device.type == "cpu":
-            raise ValueError("reference_banks='host' is for accelerators; on the CPU the host is the device "
-                             "(use 'recompute' to bound memory)")
+            raise ValueError(
+                "reference_banks='host' is for accelerators; on the CPU the host is the device "
+                "(use 'recompute' to bound memory)"
+            )
         plan = make_plan(settings, loaded.size, mask, self.native_size)
         plan.stage2 = choose_stage2_memory(self, plan, self._execution_device)
         return plan
@@ -356,18 +389,40 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         if kwargs:
             raise TypeError(f"PatchAdapterPipeline.__call__ got unexpected keyword arguments: {', '.join(kwargs)}")
         settings = self.settings_from(
-            settings, method=method, num_inference_steps=num_inference_steps, strength=strength,
-            refine_steps=refine_steps, refine_strength=refine_strength, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, eta=eta, dca_scale=dca_scale, rpa_scale=rpa_scale,
-            tile_size=tile_size, tile_overlap=tile_overlap, mask_dilation=mask_dilation, mask_feather=mask_feather,
-            mask_threshold=mask_threshold, crop_margin=crop_margin, reference_timestep=reference_timestep,
-            patch_batch_size=patch_batch_size, max_memory=max_memory, reference_banks=reference_banks,
+            settings,
+            method=method,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            refine_steps=refine_steps,
+            refine_strength=refine_strength,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            dca_scale=dca_scale,
+            rpa_scale=rpa_scale,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            mask_dilation=mask_dilation,
+            mask_feather=mask_feather,
+            mask_threshold=mask_threshold,
+            crop_margin=crop_margin,
+            reference_timestep=reference_timestep,
+            patch_batch_size=patch_batch_size,
+            max_memory=max_memory,
+            reference_banks=reference_banks,
         )
         settings = self.check_diffusers_arguments(
-            settings, masked_image_latents=masked_image_latents, padding_mask_crop=padding_mask_crop,
-            denoising_start=denoising_start, denoising_end=denoising_end, output_type=output_type,
-            cross_attention_kwargs=cross_attention_kwargs, callback=callback_on_step_end,
-            callback_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, sigmas=sigmas,
+            settings,
+            masked_image_latents=masked_image_latents,
+            padding_mask_crop=padding_mask_crop,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+            output_type=output_type,
+            cross_attention_kwargs=cross_attention_kwargs,
+            callback=callback_on_step_end,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+            timesteps=timesteps,
+            sigmas=sigmas,
         )
         settings = settings.resolved(self.native_size)  # the backbone's defaults, as the plan and metadata hold them
         check_integer("num_images_per_prompt", num_images_per_prompt, 1)
@@ -383,8 +438,10 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         if prompts not in (1, count):
             raise ValueError(f"{prompts} prompts for a batch of {count} images: give one prompt, or one per image")
         loaded = [as_loaded_image(item) for item in images]
-        masks = [load_mask(as_mask_source(m), item, threshold=settings.mask_threshold)
-                 for m, item in zip(masks, loaded, strict=True)]
+        masks = [
+            load_mask(as_mask_source(m), item, threshold=settings.mask_threshold)
+            for m, item in zip(masks, loaded, strict=True)
+        ]
         for item in loaded:
             check_output_size(item, height, width)
         for mask in masks:
@@ -394,25 +451,51 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         start_latents = per_image_latents(latents, plans, num_images_per_prompt, self.vae.config.latent_channels)
 
         # 3. Encode the prompts (and IP-Adapter images) once for every stage
-        self._guidance_scale, self._guidance_rescale, self._clip_skip = settings.guidance_scale, \
-            settings.guidance_rescale, clip_skip
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = (
+            settings.guidance_scale,
+            settings.guidance_rescale,
+            clip_skip,
+        )
         self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_start = self._denoising_end = None
         self._interrupt = False
         self._num_timesteps = 0
-        self._step_callback = (callback_on_step_end, list(callback_on_step_end_tensor_inputs)) \
-            if callback_on_step_end is not None else None
+        self._step_callback = (
+            (callback_on_step_end, list(callback_on_step_end_tensor_inputs))
+            if callback_on_step_end is not None
+            else None
+        )
         needs_text = any(not plan.empty_mask for plan in plans)
-        conditionings = self.encode_conditioning(
-            prompts, settings, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
-            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
-            ip_adapter_image_embeds, cross_attention_kwargs, clip_skip,
-            micro=dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-                       target_size=target_size, negative_original_size=negative_original_size,
-                       negative_crops_coords_top_left=negative_crops_coords_top_left,
-                       negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-                       negative_aesthetic_score=negative_aesthetic_score),
-        ) if needs_text else [None] * prompts
+        conditionings = (
+            self.encode_conditioning(
+                prompts,
+                settings,
+                prompt,
+                prompt_2,
+                negative_prompt,
+                negative_prompt_2,
+                prompt_embeds,
+                negative_prompt_embeds,
+                pooled_prompt_embeds,
+                negative_pooled_prompt_embeds,
+                ip_adapter_image,
+                ip_adapter_image_embeds,
+                cross_attention_kwargs,
+                clip_skip,
+                micro=dict(
+                    original_size=original_size,
+                    crops_coords_top_left=crops_coords_top_left,
+                    target_size=target_size,
+                    negative_original_size=negative_original_size,
+                    negative_crops_coords_top_left=negative_crops_coords_top_left,
+                    negative_target_size=negative_target_size,
+                    aesthetic_score=aesthetic_score,
+                    negative_aesthetic_score=negative_aesthetic_score,
+                ),
+            )
+            if needs_text
+            else [None] * prompts
+        )
         conditionings = conditionings * (count // prompts)  # a single prompt serves every image
 
         # 4. Run the method, once per prompt and requested image; composite inside the mask only
@@ -422,13 +505,17 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
                 number = index * num_images_per_prompt + copy
                 result = item.channels.copy()  # colour, and alpha last when the image has it
                 if not plan.empty_mask:
-                    run = MethodRun(settings, plan, item, mask, cond, generators[number], start_latents[number],
-                                    number)
+                    run = MethodRun(settings, plan, item, mask, cond, generators[number], start_latents[number], number)
                     for fill, box in self._run_method(run):
                         alpha = feather_alpha_at(mask, box, settings.mask_feather)
                         top, left, bottom, right = box
-                        composite_into(result, with_opaque_alpha(fill, result.shape[2]),
-                                       mask[top:bottom, left:right], alpha, offset=(top, left))
+                        composite_into(
+                            result,
+                            with_opaque_alpha(fill, result.shape[2]),
+                            mask[top:bottom, left:right],
+                            alpha,
+                            offset=(top, left),
+                        )
                 arrays.append(result)
 
         # 5. Offload and return, as `output_type` asks
@@ -438,32 +525,54 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             return (images,)
         return PatchAdapterPipelineOutput(images=images, arrays=arrays, plan=plans[0], plans=plans)
 
-    def check_diffusers_arguments(self, settings, *, masked_image_latents, padding_mask_crop, denoising_start,
-                                  denoising_end, output_type, cross_attention_kwargs, callback, callback_inputs,
-                                  timesteps, sigmas) -> InpaintSettings:
+    def check_diffusers_arguments(
+        self,
+        settings,
+        *,
+        masked_image_latents,
+        padding_mask_crop,
+        denoising_start,
+        denoising_end,
+        output_type,
+        cross_attention_kwargs,
+        callback,
+        callback_inputs,
+        timesteps,
+        sigmas,
+    ) -> InpaintSettings:
         """Refuse, with the reason, the stock arguments that have no meaning in a two-stage run."""
         if masked_image_latents is not None:
-            raise ValueError("masked_image_latents has no meaning here: each stage encodes the masked image "
-                             "itself, at its own size (the whole image at native size, then each patch region); "
-                             "pass image and mask_image")
+            raise ValueError(
+                "masked_image_latents has no meaning here: each stage encodes the masked image "
+                "itself, at its own size (the whole image at native size, then each patch region); "
+                "pass image and mask_image"
+            )
         if denoising_start is not None or denoising_end is not None:
-            raise ValueError("denoising_start/denoising_end (an ensemble of expert denoisers) have no meaning "
-                             "here: each of Patch-Adapter's stages denoises to the end; run a refiner on the result")
+            raise ValueError(
+                "denoising_start/denoising_end (an ensemble of expert denoisers) have no meaning "
+                "here: each of Patch-Adapter's stages denoises to the end; run a refiner on the result"
+            )
         if output_type not in OUTPUT_TYPES:
             if output_type == "latent":
-                raise ValueError("output_type='latent' has no meaning here: the result is composited into the "
-                                 "full-resolution picture in pixel space (several regions, each decoded on its "
-                                 f"own); choose one of {', '.join(OUTPUT_TYPES)}")
+                raise ValueError(
+                    "output_type='latent' has no meaning here: the result is composited into the "
+                    "full-resolution picture in pixel space (several regions, each decoded on its "
+                    f"own); choose one of {', '.join(OUTPUT_TYPES)}"
+                )
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if padding_mask_crop is not None:
             check_integer("padding_mask_crop", padding_mask_crop, 0)
             if settings.method != "crop":
-                raise ValueError(f"padding_mask_crop is diffusers' crop around the mask: method='crop' with "
-                                 f"crop_margin (this call's method is {settings.method!r}, which already works "
-                                 "only around the mask at full resolution); pass method='crop' with it")
+                raise ValueError(
+                    f"padding_mask_crop is diffusers' crop around the mask: method='crop' with "
+                    f"crop_margin (this call's method is {settings.method!r}, which already works "
+                    "only around the mask at full resolution); pass method='crop' with it"
+                )
             if settings.crop_margin is not None and settings.crop_margin != padding_mask_crop:
-                raise ValueError(f"padding_mask_crop ({padding_mask_crop}) and crop_margin ({settings.crop_margin}) "
-                                 "are the same setting; give one")
+                raise ValueError(
+                    f"padding_mask_crop ({padding_mask_crop}) and crop_margin ({settings.crop_margin}) "
+                    "are the same setting; give one"
+                )
             settings = settings.replace(crop_margin=padding_mask_crop)
         if timesteps is not None and sigmas is not None:
             raise ValueError("give timesteps or sigmas, not both")
@@ -471,14 +580,18 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             settings = settings.replace(num_inference_steps=len(timesteps if timesteps is not None else sigmas))
         own = set(cross_attention_kwargs or {}) & ADAPTER_ATTENTION_KEYS
         if own:
-            raise ValueError(f"cross_attention_kwargs {sorted(own)} are Patch-Adapter's own per-call inputs; "
-                             "set dca_scale/rpa_scale instead")
+            raise ValueError(
+                f"cross_attention_kwargs {sorted(own)} are Patch-Adapter's own per-call inputs; "
+                "set dca_scale/rpa_scale instead"
+            )
         if callback is not None and not callable(callback):
             raise ValueError("callback_on_step_end must be callable (pipe, step, timestep, callback_kwargs) -> dict")
         unknown = [name for name in callback_inputs if name not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
-                             f"{', '.join(self._callback_tensor_inputs)}")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
+                f"{', '.join(self._callback_tensor_inputs)}"
+            )
         self._custom_schedule = (timesteps, sigmas) if timesteps is not None or sigmas is not None else None
         return settings
 
@@ -502,8 +615,9 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
     def postprocess_results(self, arrays, output_type):
         """The results as `output_type` asks: PIL images, or float in [0, 1] stacked when the sizes agree."""
         if output_type == "pil":
-            return [PIL.Image.fromarray(a if a.dtype == np.uint8 else from_float(to_float(a), np.uint8))
-                    for a in arrays]
+            return [
+                PIL.Image.fromarray(a if a.dtype == np.uint8 else from_float(to_float(a), np.uint8)) for a in arrays
+            ]
         floats = [to_float(a) for a in arrays]
         same = len({a.shape for a in floats}) == 1
         if output_type == "np":
@@ -542,16 +656,24 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             reference = self._stage1_at(pixels, gen_mask, plan.stage1_size, run, dca_scale, whole)
             if self.interrupt:  # stopped in stage 1: its result, upsampled, is the fill (as `resize`)
                 top, left, bottom, right = mask_bbox(gen_mask)
-                return [(sample_region(reference, (height, width), (top, left, bottom, right)),
-                         (top, left, bottom, right))]
+                return [
+                    (sample_region(reference, (height, width), (top, left, bottom, right)), (top, left, bottom, right))
+                ]
         # stage 2 (or the tiled baseline): each group of overlapping patches on its own
         fills = []
         for number, group in enumerate(plan.groups):
             refine = functools.partial(
-                self._refine_patches, group, plan.tile_overlap, pixels, gen_mask, reference, run,
+                self._refine_patches,
+                group,
+                plan.tile_overlap,
+                pixels,
+                gen_mask,
+                reference,
+                run,
                 steps=settings.refine_steps if spec.reference else settings.num_inference_steps,
                 strength=settings.refine_strength if spec.reference else settings.strength,
-                dca_scale=dca_scale, rpa_scale=settings.effective_rpa_scale,
+                dca_scale=dca_scale,
+                rpa_scale=settings.effective_rpa_scale,
                 context=StepContext(stage=2, patch_group=number, image_index=run.index),
             )
             fills.append(retry_out_of_memory(refine, plan.stage2, run.generator, self._execution_device))
@@ -559,10 +681,24 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode_conditioning(self, count, settings, prompt, prompt_2, negative_prompt, negative_prompt_2,
-                            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                            negative_pooled_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds,
-                            cross_attention_kwargs, clip_skip, micro) -> list[Conditioning]:
+    def encode_conditioning(
+        self,
+        count,
+        settings,
+        prompt,
+        prompt_2,
+        negative_prompt,
+        negative_prompt_2,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+        cross_attention_kwargs,
+        clip_skip,
+        micro,
+    ) -> list[Conditioning]:
         """One Conditioning per prompt, with diffusers' own prompt and IP-Adapter encoders."""
         device = self._execution_device
         guided = settings.guided
@@ -570,40 +706,61 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             prompt = ""
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip,
+            prompt=prompt,
+            prompt_2=prompt_2,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
         )
         if embeds.shape[0] != count:
             raise ValueError(f"the prompt embeddings hold {embeds.shape[0]} prompts, the call {count}")
         image_embeds = None
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
-                                                                1, guided)
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, 1, guided
+            )
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:  # a guidance-distilled UNet (LCM)
             scale = torch.tensor(settings.guidance_scale - 1).repeat(1)
             timestep_cond = self.get_guidance_scale_embedding(
-                scale, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=embeds.dtype)
+                scale, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=embeds.dtype)
         conditionings = []
         for i in range(count):
-            rows = [neg_embeds[i:i + 1], embeds[i:i + 1]] if guided else [embeds[i:i + 1]]
-            pooled_rows = [neg_pooled[i:i + 1], pooled[i:i + 1]] if guided else [pooled[i:i + 1]]
+            rows = [neg_embeds[i : i + 1], embeds[i : i + 1]] if guided else [embeds[i : i + 1]]
+            pooled_rows = [neg_pooled[i : i + 1], pooled[i : i + 1]] if guided else [pooled[i : i + 1]]
             ip_rows = None
             if image_embeds is not None:
-                ip_rows = [e if e.shape[0] == (2 if guided else 1) else image_rows(e, i, count, guided)
-                           for e in image_embeds]
-            conditionings.append(Conditioning(torch.cat(rows), torch.cat(pooled_rows), settings.guidance_scale,
-                                              settings.guidance_rescale, ip_rows, timestep_cond, micro))
+                ip_rows = [
+                    e if e.shape[0] == (2 if guided else 1) else image_rows(e, i, count, guided) for e in image_embeds
+                ]
+            conditionings.append(
+                Conditioning(
+                    torch.cat(rows),
+                    torch.cat(pooled_rows),
+                    settings.guidance_scale,
+                    settings.guidance_rescale,
+                    ip_rows,
+                    timestep_cond,
+                    micro,
+                )
+            )
         return conditionings
 
     def encode_text(self, prompt, negative_prompt, guidance_scale) -> Conditioning:
         """The conditioning of one prompt (for tools that drive the stages themselves)."""
         settings = InpaintSettings(guidance_scale=guidance_scale)
-        return self.encode_conditioning(1, settings, prompt, None, negative_prompt, None, None, None, None, None,
-                                        None, None, None, None, None)[0]
+        return self.encode_conditioning(
+            1, settings, prompt, None, negative_prompt, None, None, None, None, None, None, None, None, None, None
+        )[0]
 
     def time_ids(self, height: int, width: int, text: Conditioning, whole_image: bool = False) -> torch.Tensor:
         """SDXL micro-conditioning: original size, crop top-left, target size (and aesthetic scores).
@@ -613,15 +770,22 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         """
         micro = text.micro if whole_image and text.micro else {}
         size = (height, width)
-        projection_dim = self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None \
-            else int(text.pooled.shape[-1])
+        projection_dim = (
+            self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else int(text.pooled.shape[-1])
+        )
         original = micro.get("original_size") or size
         target = micro.get("target_size") or size
         ids, neg_ids = self._get_add_time_ids(
-            original, micro.get("crops_coords_top_left", (0, 0)), target, micro.get("aesthetic_score", 6.0),
-            micro.get("negative_aesthetic_score", 2.5), micro.get("negative_original_size") or original,
-            micro.get("negative_crops_coords_top_left", (0, 0)), micro.get("negative_target_size") or target,
-            dtype=text.embeds.dtype, text_encoder_projection_dim=projection_dim,
+            original,
+            micro.get("crops_coords_top_left", (0, 0)),
+            target,
+            micro.get("aesthetic_score", 6.0),
+            micro.get("negative_aesthetic_score", 2.5),
+            micro.get("negative_original_size") or original,
+            micro.get("negative_crops_coords_top_left", (0, 0)),
+            micro.get("negative_target_size") or target,
+            dtype=text.embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
         )
         ids = torch.cat([neg_ids, ids]) if text.guided else ids
         return ids.to(self._execution_device)
@@ -636,16 +800,22 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         batch = latents.shape[0]
         model_input = torch.cat([latents] * 2) if text.guided else latents
         full = model_input.shape[0]
-        model_input = torch.cat([model_input, repeat_to_batch(mask, full), repeat_to_batch(masked_latents, full)],
-                                dim=1)
-        added = {"text_embeds": text.pooled.repeat_interleave(batch, dim=0),
-                 "time_ids": time_ids.repeat_interleave(batch, dim=0)}
+        model_input = torch.cat(
+            [model_input, repeat_to_batch(mask, full), repeat_to_batch(masked_latents, full)], dim=1
+        )
+        added = {
+            "text_embeds": text.pooled.repeat_interleave(batch, dim=0),
+            "time_ids": time_ids.repeat_interleave(batch, dim=0),
+        }
         if text.image_embeds is not None:
             added["image_embeds"] = [e.repeat_interleave(batch, dim=0) for e in text.image_embeds]
         timestep_cond = text.timestep_cond.expand(full, -1) if text.timestep_cond is not None else None
         noise = self.unet(
-            model_input, t, encoder_hidden_states=text.embeds.repeat_interleave(batch, dim=0),
-            timestep_cond=timestep_cond, added_cond_kwargs=added,
+            model_input,
+            t,
+            encoder_hidden_states=text.embeds.repeat_interleave(batch, dim=0),
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
             cross_attention_kwargs={**(getattr(self, "_cross_attention_kwargs", None) or {}), **attention_kwargs},
             return_dict=False,
         )[0]
@@ -671,8 +841,10 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         returned = callback(self, step, t, given) or {}
         for name, value in returned.items():
             if name != "latents" and name in tensors and value is not tensors[name]:
-                raise ValueError(f"callback_on_step_end returned a new {name!r}; Patch-Adapter takes back only "
-                                 "'latents' (its stages share the conditioning)")
+                raise ValueError(
+                    f"callback_on_step_end returned a new {name!r}; Patch-Adapter takes back only "
+                    "'latents' (its stages share the conditioning)"
+                )
         return returned.get("latents", latents)
 
     # ------------------------------------------------------------------ VAE
@@ -741,8 +913,9 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         custom: the call's `timesteps`/`sigmas` apply (the whole-image pass, the tiled baseline).
         """
         device = self._execution_device
-        timesteps, sigmas = self._custom_schedule if custom and getattr(self, "_custom_schedule", None) \
-            else (None, None)
+        timesteps, sigmas = (
+            self._custom_schedule if custom and getattr(self, "_custom_schedule", None) else (None, None)
+        )
         given = timesteps is not None or sigmas is not None
         _, steps = retrieve_timesteps(self.scheduler, None if given else steps, device, timesteps, sigmas)
         timesteps, _ = self.get_timesteps(steps, strength, device)
@@ -767,8 +940,18 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         timesteps = self.stage_timesteps(settings.num_inference_steps, settings.strength, custom=True)
         masked_image = image * (mask_t < 0.5)
         latents, _ = self.prepare_latents(
-            1, self.vae.config.latent_channels, height, width, dtype, device, generator, latents=run.latents,
-            image=image, timestep=timesteps[:1], is_strength_max=settings.strength == 1.0, return_noise=True,
+            1,
+            self.vae.config.latent_channels,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+            latents=run.latents,
+            image=image,
+            timestep=timesteps[:1],
+            is_strength_max=settings.strength == 1.0,
+            return_noise=True,
         )
         mask_latents, masked_latents = self.prepare_mask_latents(
             mask_t, masked_image, 1, height, width, dtype, device, generator, False
@@ -781,18 +964,38 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             if self.interrupt:
                 continue
             model_latents = self.scheduler.scale_model_input(latents, t)
-            noise = self.predict_noise(model_latents, t, mask_latents, masked_latents, text, time_ids,
-                                       attention_kwargs)
+            noise = self.predict_noise(model_latents, t, mask_latents, masked_latents, text, time_ids, attention_kwargs)
             latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            latents = self.on_step_end(context, i, t, latents, prompt_embeds=text.embeds,
-                                       add_text_embeds=text.pooled, add_time_ids=time_ids, mask=mask_latents,
-                                       masked_image_latents=masked_latents)
+            latents = self.on_step_end(
+                context,
+                i,
+                t,
+                latents,
+                prompt_embeds=text.embeds,
+                add_text_embeds=text.pooled,
+                add_time_ids=time_ids,
+                mask=mask_latents,
+                masked_image_latents=masked_latents,
+            )
         return self.decode(latents)
 
     # ------------------------------------------------------------------ stage 2
 
-    def _refine_patches(self, tiles, overlap, pixels, gen_mask, reference, run, steps, strength,
-                        dca_scale, rpa_scale, context, stage2=None):
+    def _refine_patches(
+        self,
+        tiles,
+        overlap,
+        pixels,
+        gen_mask,
+        reference,
+        run,
+        steps,
+        strength,
+        dca_scale,
+        rpa_scale,
+        context,
+        stage2=None,
+    ):
         """Denoise overlapping patches in lock step; returns (pixels (h, w, 3) in [0, 1], box).
 
         tiles: one group of the plan (canvas latent coordinates); box: the pixels the
@@ -810,8 +1013,8 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         box = (top, left, min(bottom, height), min(width, right))
 
         # region pixels (padded to the latent grid), masked image, reference
-        original = to_float(pixels[box[0]:box[2], box[1]:box[3]])
-        region_mask = gen_mask[box[0]:box[2], box[1]:box[3]]
+        original = to_float(pixels[box[0] : box[2], box[1] : box[3]])
+        region_mask = gen_mask[box[0] : box[2], box[1] : box[3]]
         original, region_mask = pad_to_multiple(original, region_mask, bottom - top, right - left)
         mask_t = torch.from_numpy(region_mask.astype(np.float32))[None, None]
         original_t = model_input(original)
@@ -842,7 +1045,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         # patches run `stage2.patch_batch_size` at a time (all tiles of a group have one size, see plan_tiles)
         stage2 = stage2 or Stage2Memory(1, "device")
         size = stage2.patch_batch_size
-        batches = [tiles[i: i + size] for i in range(0, len(tiles), size)]
+        batches = [tiles[i : i + size] for i in range(0, len(tiles), size)]
 
         def stacked(tensor, batch):  # (k, C, h, w): the batch's patches of a region tensor
             return torch.cat([tensor[(..., *tile.slices)] for tile in batch])
@@ -864,18 +1067,37 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             model_latents = self.scheduler.scale_model_input(latents, t)
             fused = fusion.start(device)
             for index, batch in enumerate(batches):
-                attention_kwargs = {"dca_mask": stacked(mask_latents, batch), "dca_scale": dca_scale,
-                                    "rpa_bank": references.bank(index), "rpa_scale": rpa_scale}
-                noise = self.predict_noise(stacked(model_latents, batch), t, stacked(mask_latents, batch),
-                                           stacked(masked_latents, batch), text, time_ids, attention_kwargs)
+                attention_kwargs = {
+                    "dca_mask": stacked(mask_latents, batch),
+                    "dca_scale": dca_scale,
+                    "rpa_bank": references.bank(index),
+                    "rpa_scale": rpa_scale,
+                }
+                noise = self.predict_noise(
+                    stacked(model_latents, batch),
+                    t,
+                    stacked(mask_latents, batch),
+                    stacked(masked_latents, batch),
+                    text,
+                    time_ids,
+                    attention_kwargs,
+                )
                 fused.add(batch, noise)
                 bar.update(len(batch))
                 bar.set_postfix_str(f"step {i + 1}/{len(timesteps)}")
             noise_pred = fused.result(latents.dtype)
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            latents = self.on_step_end(context, i, t, latents, prompt_embeds=text.embeds,
-                                       add_text_embeds=text.pooled, add_time_ids=time_ids, mask=mask_latents,
-                                       masked_image_latents=masked_latents)
+            latents = self.on_step_end(
+                context,
+                i,
+                t,
+                latents,
+                prompt_embeds=text.embeds,
+                add_text_embeds=text.pooled,
+                add_time_ids=time_ids,
+                mask=mask_latents,
+                masked_image_latents=masked_latents,
+            )
         bar.close()
 
         # latents no patch covered keep the reference; decode the region
@@ -895,8 +1117,13 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             added["image_embeds"] = [e.expand(batch, *e.shape[1:]) for e in positive.image_embeds]
         timestep_cond = positive.timestep_cond.expand(batch, -1) if positive.timestep_cond is not None else None
         return ReferenceBank.recorded(
-            self.unet, reference_latents, timestep, positive.embeds.expand(batch, -1, -1), added,
-            timestep_cond=timestep_cond, cross_attention_kwargs=getattr(self, "_cross_attention_kwargs", None),
+            self.unet,
+            reference_latents,
+            timestep,
+            positive.embeds.expand(batch, -1, -1),
+            added,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=getattr(self, "_cross_attention_kwargs", None),
         )
 
     # ------------------------------------------------------------------ progress
@@ -933,9 +1160,12 @@ def choose_stage2_memory(backbone, plan, device) -> "Stage2Memory":
         estimate = estimate_memory(backbone, plan, batch, placement, device)
     plan.memory = estimate
     if estimate.peak > budget:
-        warnings.warn(f"the inpaint is expected to need {estimate.peak / 2**20:,.0f} MiB on {device}, over the "
-                      f"{budget / 2**20:,.0f} MiB budget, even with the smallest stage-2 settings; it runs "
-                      "anyway (a smaller tile_size or cpu_offload needs less)", stacklevel=3)
+        warnings.warn(
+            f"the inpaint is expected to need {estimate.peak / 2**20:,.0f} MiB on {device}, over the "
+            f"{budget / 2**20:,.0f} MiB budget, even with the smallest stage-2 settings; it runs "
+            "anyway (a smaller tile_size or cpu_offload needs less)",
+            stacklevel=3,
+        )
     return Stage2Memory(batch, placement)
 
 
@@ -951,7 +1181,7 @@ class Stage2Memory:
         if self.patch_batch_size > 1:
             return Stage2Memory(self.patch_batch_size // 2, self.bank_placement)
         order = [p for p in BANK_PLACEMENTS if p != "host" or device.type != "cpu"]
-        later = order[order.index(self.bank_placement) + 1:]
+        later = order[order.index(self.bank_placement) + 1 :]
         return Stage2Memory(1, later[0]) if later else None
 
 
@@ -1012,9 +1242,12 @@ def retry_out_of_memory(refine, stage2: Stage2Memory, generator, device):
             if not is_out_of_memory(error) or smaller is None:
                 raise
             if not said:
-                warnings.warn(f"stage 2 ran out of memory with {stage2.patch_batch_size} patches per call and "
-                              f"reference banks on the {stage2.bank_placement}; retrying with less "
-                              f"(now {smaller.patch_batch_size}, {smaller.bank_placement})", stacklevel=2)
+                warnings.warn(
+                    f"stage 2 ran out of memory with {stage2.patch_batch_size} patches per call and "
+                    f"reference banks on the {stage2.bank_placement}; retrying with less "
+                    f"(now {smaller.patch_batch_size}, {smaller.bank_placement})",
+                    stacklevel=2,
+                )
                 said = True
             stage2 = smaller
             del error
@@ -1053,8 +1286,10 @@ def per_image_generators(generator, total: int) -> list:
     """A generator per output image: a list must have one for each (as diffusers requires)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != total:
-            raise ValueError(f"a list of {len(generator)} generators for {total} images (prompts x "
-                             "num_images_per_prompt); give one generator, or one per image")
+            raise ValueError(
+                f"a list of {len(generator)} generators for {total} images (prompts x "
+                "num_images_per_prompt); give one generator, or one per image"
+            )
         return list(generator)
     return [generator] * total
 
@@ -1066,26 +1301,34 @@ def per_image_latents(latents, plans, num_images_per_prompt: int, channels: int)
         return [None] * total
     sizes = {plan.stage1_size for plan in plans if not plan.empty_mask}
     if None in sizes:
-        raise ValueError("latents are the start noise of the whole-image pass; the tiled method has none "
-                         "(its patches' noise comes from the generator)")
+        raise ValueError(
+            "latents are the start noise of the whole-image pass; the tiled method has none "
+            "(its patches' noise comes from the generator)"
+        )
     if len(sizes) > 1:
         raise ValueError(f"latents cannot serve images whose whole-image passes differ in size ({sorted(sizes)})")
     width, height = sizes.pop() if sizes else (0, 0)
     expected = (total, channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
     if tuple(latents.shape) != expected:
-        raise ValueError(f"latents must have shape {expected} (images, channels, and the whole-image pass's "
-                         f"{width}x{height} px on the latent grid), got {tuple(latents.shape)}")
-    return [latents[i:i + 1] for i in range(total)]
+        raise ValueError(
+            f"latents must have shape {expected} (images, channels, and the whole-image pass's "
+            f"{width}x{height} px on the latent grid), got {tuple(latents.shape)}"
+        )
+    return [latents[i : i + 1] for i in range(total)]
 
 
 def image_rows(embeds: torch.Tensor, index: int, count: int, guided: bool) -> torch.Tensor:
     """Prompt `index`'s rows of IP-Adapter embeddings given per prompt ([negatives; positives] when guided)."""
     per_half = embeds.shape[0] // (2 if guided else 1)
     if per_half != count:
-        raise ValueError(f"ip_adapter_image_embeds hold {per_half} images for {count} prompts: give one, or one "
-                         "per prompt")
-    rows = [embeds[index:index + 1], embeds[per_half + index:per_half + index + 1]] if guided \
-        else [embeds[index:index + 1]]
+        raise ValueError(
+            f"ip_adapter_image_embeds hold {per_half} images for {count} prompts: give one, or one per prompt"
+        )
+    rows = (
+        [embeds[index : index + 1], embeds[per_half + index : per_half + index + 1]]
+        if guided
+        else [embeds[index : index + 1]]
+    )
     return torch.cat(rows)
 
 
@@ -1093,9 +1336,11 @@ def check_output_size(image: LoadedImage, height, width) -> None:
     """height/width are the output's size; Patch-Adapter keeps the image's, so they must agree with it."""
     for name, asked, own in (("height", height, image.size[1]), ("width", width, image.size[0])):
         if asked is not None and asked != own:
-            raise ValueError(f"{name}={asked} differs from the image's {own} px: Patch-Adapter inpaints at the "
-                             "image's own resolution (that is its purpose); resize the image first if you "
-                             "want another size")
+            raise ValueError(
+                f"{name}={asked} differs from the image's {own} px: Patch-Adapter inpaints at the "
+                "image's own resolution (that is its purpose); resize the image first if you "
+                "want another size"
+            )
 
 
 def randn_like_region(latents: torch.Tensor, generator) -> torch.Tensor:

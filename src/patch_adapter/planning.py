@@ -167,8 +167,9 @@ def make_plan(settings: InpaintSettings, image_size: tuple[int, int], mask: np.n
     width, height = image_size
     if mask.shape != (height, width):
         raise ValueError(f"mask shape {mask.shape} does not match image size {width}x{height}")
-    plan = InpaintPlan(method=settings.method, image_size=(width, height), native=native,
-                       guidance=settings.guided, settings=settings)
+    plan = InpaintPlan(
+        method=settings.method, image_size=(width, height), native=native, guidance=settings.guided, settings=settings
+    )
     if not mask.any():
         plan.empty_mask = True
         return plan

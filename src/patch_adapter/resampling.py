@@ -24,14 +24,19 @@ def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     (see REDUCING_GAP)."""
     height, width = size
     if pixels.dtype == np.uint8:
-        small = PIL.Image.fromarray(pixels).resize((width, height), PIL.Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+        small = PIL.Image.fromarray(pixels).resize(
+            (width, height), PIL.Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP
+        )
         return to_float(np.asarray(small))
     if pixels.dtype not in (np.uint16, np.float32):
         raise TypeError(f"expected uint8, uint16 or float32 pixels, got {pixels.dtype}")
     top = 65535 if pixels.dtype == np.uint16 else 1
     channels = [
-        np.asarray(PIL.Image.fromarray(pixels[..., c].astype(np.float32), mode="F").resize(
-            (width, height), PIL.Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP))
+        np.asarray(
+            PIL.Image.fromarray(pixels[..., c].astype(np.float32), mode="F").resize(
+                (width, height), PIL.Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP
+            )
+        )
         for c in range(pixels.shape[2])
     ]
     return np.clip(np.stack(channels, axis=-1) / np.float32(top), 0, 1).astype(np.float32)

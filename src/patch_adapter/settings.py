@@ -49,15 +49,26 @@ class Method:
         return "rpa" in self.adapters
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("patch-adapter", "native", True, True, ("dca", "rpa"),
-           "stage 1 at native size with the DCA, then full-resolution patches with the RPA"),
-    Method("resize", "native", False, False, (), "the whole image at native size, upsampled into the mask"),
-    Method("crop", "crop", False, False, (), "a native-size box around the mask, like diffusers' padding_mask_crop"),
-    Method("direct", "own", False, False, (), "the whole image at its own size in one pass"),
-    Method("tiled", None, True, False, (), "full-resolution patches from noise, without a whole-image pass"),
-    Method("two-stage", "native", True, True, (), "Patch-Adapter's two stages without either adapter"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "patch-adapter",
+            "native",
+            True,
+            True,
+            ("dca", "rpa"),
+            "stage 1 at native size with the DCA, then full-resolution patches with the RPA",
+        ),
+        Method("resize", "native", False, False, (), "the whole image at native size, upsampled into the mask"),
+        Method(
+            "crop", "crop", False, False, (), "a native-size box around the mask, like diffusers' padding_mask_crop"
+        ),
+        Method("direct", "own", False, False, (), "the whole image at its own size in one pass"),
+        Method("tiled", None, True, False, (), "full-resolution patches from noise, without a whole-image pass"),
+        Method("two-stage", "native", True, True, (), "Patch-Adapter's two stages without either adapter"),
+    )
+}
 
 
 def check_method(name) -> Method:
@@ -99,11 +110,19 @@ class InpaintSettings:
     def __post_init__(self):
         check_method(self.method)
         check_inpaint_numbers(
-            num_inference_steps=self.num_inference_steps, refine_steps=self.refine_steps,
-            guidance_scale=self.guidance_scale, strength=self.strength, refine_strength=self.refine_strength,
-            dca_scale=self.dca_scale, rpa_scale=self.rpa_scale, mask_threshold=self.mask_threshold,
-            mask_dilation=self.mask_dilation, mask_feather=self.mask_feather,
-            patch_batch_size=self.patch_batch_size, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+            num_inference_steps=self.num_inference_steps,
+            refine_steps=self.refine_steps,
+            guidance_scale=self.guidance_scale,
+            strength=self.strength,
+            refine_strength=self.refine_strength,
+            dca_scale=self.dca_scale,
+            rpa_scale=self.rpa_scale,
+            mask_threshold=self.mask_threshold,
+            mask_dilation=self.mask_dilation,
+            mask_feather=self.mask_feather,
+            patch_batch_size=self.patch_batch_size,
+            tile_size=self.tile_size,
+            tile_overlap=self.tile_overlap,
             crop_margin=self.crop_margin,
         )
         check_real("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
@@ -111,19 +130,23 @@ class InpaintSettings:
         check_integer("reference_timestep", self.reference_timestep, 0)
         check_integer("max_memory", self.max_memory, 1, optional=True)
         if self.reference_banks not in ("auto",) + BANK_PLACEMENTS:
-            raise SettingsError(f"reference_banks must be auto, {', '.join(BANK_PLACEMENTS)}; "
-                                f"got {self.reference_banks!r}")
+            raise SettingsError(
+                f"reference_banks must be auto, {', '.join(BANK_PLACEMENTS)}; got {self.reference_banks!r}"
+            )
         for name in ("tile_size", "tile_overlap"):
             value = getattr(self, name)
             if value is not None and value % LATENT_FACTOR:
                 raise SettingsError(f"{name} {value} must be a multiple of {LATENT_FACTOR} px (one latent)")
         if min(int(self.num_inference_steps * self.strength), self.num_inference_steps) < 1:
-            raise SettingsError(f"strength {self.strength} with {self.num_inference_steps} steps leaves no "
-                                "denoising step; raise either")
+            raise SettingsError(
+                f"strength {self.strength} with {self.num_inference_steps} steps leaves no denoising step; raise either"
+            )
         refine = self.refine_steps or self.num_inference_steps
         if self.spec.patches and self.spec.reference and min(int(refine * self.refine_strength), refine) < 1:
-            raise SettingsError(f"refine_strength {self.refine_strength} with {refine} refine steps leaves no "
-                                "denoising step; raise either")
+            raise SettingsError(
+                f"refine_strength {self.refine_strength} with {refine} refine steps leaves no "
+                "denoising step; raise either"
+            )
 
     @property
     def spec(self) -> Method:
@@ -154,7 +177,8 @@ class InpaintSettings:
         if overlap >= tile:
             raise SettingsError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
         return self.replace(
-            tile_size=tile, tile_overlap=overlap,
+            tile_size=tile,
+            tile_overlap=overlap,
             crop_margin=self.crop_margin if self.crop_margin is not None else native // 8,
             refine_steps=self.refine_steps or self.num_inference_steps,
         )

@@ -105,7 +105,7 @@ def _ramp(length: int, overlap: int, fade_start: bool, fade_end: bool) -> torch.
         if fade_start:
             w[:ramp_len] = ramp
         if fade_end:
-            w[length - ramp_len:] = ramp.flip(0)
+            w[length - ramp_len :] = ramp.flip(0)
     return w
 
 

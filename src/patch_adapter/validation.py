@@ -35,8 +35,7 @@ def check_integer(name: str, value, minimum: int, optional: bool = False) -> Non
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
 
 
-def check_real(name: str, value, low: float, high: float = math.inf,
-               low_open: bool = False) -> None:
+def check_real(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> None:
     """A finite number in [low, high] ((low, high] with low_open): NaN and inf never pass."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SettingsError(f"{name} must be a number, got {value!r}")
@@ -176,5 +175,11 @@ def validate_inpaint_args(args, loaded: LoadedImage, mask: np.ndarray, outputs: 
     inputs = [args.image] + ([mask_path] if mask_path else [])
     protect = [] if getattr(args, "overwrite_input", False) else inputs
     for path in outputs:
-        check_output_path(path, loaded.size, loaded.bit_depth, loaded.alpha is not None,
-                          allow_lossy=getattr(args, "allow_lossy", False), protect=protect)
+        check_output_path(
+            path,
+            loaded.size,
+            loaded.bit_depth,
+            loaded.alpha is not None,
+            allow_lossy=getattr(args, "allow_lossy", False),
+            protect=protect,
+        )

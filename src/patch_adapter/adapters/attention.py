@@ -36,19 +36,25 @@ def sdpa(q, k, v, attn_mask=None, scale=None, slice_size=None):
     """
     batch, heads = q.shape[:2]
     if slice_size is None or slice_size >= batch * heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                              scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale)
     rows = batch * heads
     q, k, v = (x.expand(batch, heads, *x.shape[2:]).reshape(rows, *x.shape[2:]) for x in (q, k, v))
     if attn_mask is not None:
         attn_mask = attn_mask.expand(batch, heads, *attn_mask.shape[-2:]).reshape(rows, *attn_mask.shape[-2:])
-    out = torch.cat([
-        F.scaled_dot_product_attention(
-            q[i:i + slice_size], k[i:i + slice_size], v[i:i + slice_size],
-            attn_mask=None if attn_mask is None else attn_mask[i:i + slice_size],
-            dropout_p=0.0, is_causal=False, scale=scale)
-        for i in range(0, rows, slice_size)
-    ])
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[i : i + slice_size],
+                k[i : i + slice_size],
+                v[i : i + slice_size],
+                attn_mask=None if attn_mask is None else attn_mask[i : i + slice_size],
+                dropout_p=0.0,
+                is_causal=False,
+                scale=scale,
+            )
+            for i in range(0, rows, slice_size)
+        ]
+    )
     return out.view(batch, heads, *out.shape[1:])
 
 

@@ -56,22 +56,27 @@ def add_ip_adapter(ip, attn, z, query, ip_states, masks=None, slice_size=None):
 
     batch = z.shape[0]
     if len(ip_states) != len(ip.scale):
-        raise ValueError(f"the UNet passed image tokens of {len(ip_states)} IP-Adapters to a layer that holds "
-                         f"{len(ip.scale)}; give one image embedding per loaded IP-Adapter")
+        raise ValueError(
+            f"the UNet passed image tokens of {len(ip_states)} IP-Adapters to a layer that holds "
+            f"{len(ip.scale)}; give one image embedding per loaded IP-Adapter"
+        )
     if masks is not None:
         if not isinstance(masks, list):
             masks = list(masks.unsqueeze(1))  # diffusers' older layout: (num_ip_adapters, 1, H, W)
         if len(masks) != len(ip.scale):
             raise ValueError(f"ip_adapter_masks has {len(masks)} masks for {len(ip.scale)} IP-Adapters")
         for index, (mask, state) in enumerate(zip(masks, ip_states, strict=True)):
-            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 4
-                                     or mask.shape[1] != state.shape[1]):
-                raise ValueError(f"ip_adapter_masks[{index}] must be a (1, num_images, H, W) tensor with one mask "
-                                 "per image of that IP-Adapter; use diffusers' IPAdapterMaskProcessor")
+            if mask is not None and (
+                not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[1] != state.shape[1]
+            ):
+                raise ValueError(
+                    f"ip_adapter_masks[{index}] must be a (1, num_images, H, W) tensor with one mask "
+                    "per image of that IP-Adapter; use diffusers' IPAdapterMaskProcessor"
+                )
     else:
         masks = [None] * len(ip.scale)
     for state, scale, to_k_ip, to_v_ip, mask in zip(ip_states, ip.scale, ip.to_k_ip, ip.to_v_ip, masks, strict=True):
-        if (all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0):
+        if all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0:
             continue
         if mask is None:
             if state.shape[0] != batch:
@@ -162,7 +167,8 @@ class DualContextAttnProcessor(nn.Module):
         elif isinstance(encoder_hidden_states, tuple):
             raise ValueError(
                 "the UNet passes IP-Adapter image tokens, but this Patch-Adapter layer holds no IP-Adapter weights: "
-                "load IP-Adapters with pipe.load_ip_adapter(...), which keeps the Patch-Adapter processors")
+                "load IP-Adapters with pipe.load_ip_adapter(...), which keeps the Patch-Adapter processors"
+            )
         elif ip_adapter_masks is not None:
             raise ValueError("ip_adapter_masks was given, but no IP-Adapter is loaded")
         call = AttentionCall(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -170,10 +176,12 @@ class DualContextAttnProcessor(nn.Module):
         if dca_mask is not None and dca_scale != 0:
             tokens = call.hidden_states  # (B, N, C)
             m = repeat_to_batch(token_mask(dca_mask.to(tokens.dtype), tokens.shape[1]), tokens.shape[0])  # (B, N, 1)
-            z_ctx = multihead_attention(self.to_q_ctx(tokens * (1 - m)), key, value, attn.heads, call.attention_mask,
-                                        self.slice_size)
-            z_dual = multihead_attention(query, self.to_k_ctx(z_ctx), self.to_v_ctx(z_ctx), attn.heads,
-                                         slice_size=self.slice_size)
+            z_ctx = multihead_attention(
+                self.to_q_ctx(tokens * (1 - m)), key, value, attn.heads, call.attention_mask, self.slice_size
+            )
+            z_dual = multihead_attention(
+                query, self.to_k_ctx(z_ctx), self.to_v_ctx(z_ctx), attn.heads, slice_size=self.slice_size
+            )
             z = z + dca_scale * z_dual
         if ip_states is not None:
             z = add_ip_adapter(self.ip_adapter, attn, z, query, ip_states, ip_adapter_masks, self.slice_size)

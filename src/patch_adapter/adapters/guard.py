@@ -34,8 +34,9 @@ class AdapterGuardMixin:
 
     def record_adapters(self) -> None:
         """Remember the adapter processors now in the UNet (the pipeline's own reference to their weights)."""
-        self._patch_adapters = {name: proc for name, proc in self.unet.attn_processors.items()
-                                if isinstance(proc, ADAPTER_CLASSES)}
+        self._patch_adapters = {
+            name: proc for name, proc in self.unet.attn_processors.items() if isinstance(proc, ADAPTER_CLASSES)
+        }
 
     def _recorded_adapters(self) -> dict:
         if getattr(self, "_patch_adapters", None) is None:
@@ -69,21 +70,26 @@ class AdapterGuardMixin:
                 "unet.set_attention_slice, unet.fuse_qkv_projections or a diffusers loader). The pipeline kept "
                 "the trained adapter weights: call pipe.restore_adapters() to put them back, and use the "
                 "pipeline's enable_attention_slicing / load_ip_adapter / unload_ip_adapter / "
-                "set_ip_adapter_scale, which keep the adapters.")
+                "set_ip_adapter_scale, which keep the adapters."
+            )
         recorded.update(adopted)
         dcas = [p for p in recorded.values() if isinstance(p, DualContextAttnProcessor)]
-        projection = self.unet.encoder_hid_proj is not None and \
-            getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+        projection = (
+            self.unet.encoder_hid_proj is not None
+            and getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+        )
         if projection and any(p.ip_adapter is None for p in dcas):
             raise AdapterReplacedError(
                 "the UNet has an IP-Adapter image projection but the Patch-Adapter cross-attention layers hold no "
                 "IP-Adapter weights (were they loaded with unet-level calls?): call pipe.unload_ip_adapter(), then "
-                "load it with pipe.load_ip_adapter(...), which puts the IP-Adapter into the adapter processors")
+                "load it with pipe.load_ip_adapter(...), which puts the IP-Adapter into the adapter processors"
+            )
         if not projection and any(p.ip_adapter is not None for p in dcas):
             raise AdapterReplacedError(
                 "the Patch-Adapter cross-attention layers hold IP-Adapter weights but the UNet has no IP-Adapter "
                 "image projection (unet.encoder_hid_proj was changed), so image tokens would be read from the "
-                "text: call pipe.unload_ip_adapter() and load the IP-Adapter again with pipe.load_ip_adapter(...)")
+                "text: call pipe.unload_ip_adapter() and load the IP-Adapter again with pipe.load_ip_adapter(...)"
+            )
 
     def restore_adapters(self) -> None:
         """Put the recorded adapter processors (with their trained weights) back into the UNet."""
@@ -94,7 +100,8 @@ class AdapterGuardMixin:
             except AttributeError:
                 raise AdapterReplacedError(
                     f"the UNet has no layer {name[: -len('.processor')]}: it is not the UNet the adapters were "
-                    "made for; build a new pipeline for it") from None
+                    "made for; build a new pipeline for it"
+                ) from None
             proc.to(layer.to_q.weight.device)
         self._set_processors(recorded)
 
@@ -170,7 +177,8 @@ class AdapterGuardMixin:
             raise NotImplementedError(
                 "fuse_qkv_projections(unet=True) would replace the Patch-Adapter attention processors (which "
                 "compute their own projections) and turn the adapters off; fuse only the VAE with "
-                "pipe.fuse_qkv_projections(unet=False)")
+                "pipe.fuse_qkv_projections(unet=False)"
+            )
         return super().fuse_qkv_projections(unet=False, vae=vae)
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None):
@@ -178,7 +186,8 @@ class AdapterGuardMixin:
         raise NotImplementedError(
             "xFormers attention would replace the Patch-Adapter attention processors and turn the adapters off; "
             "they run on torch's scaled_dot_product_attention, which picks memory-efficient kernels itself "
-            "(pipe.enable_attention_slicing() keeps the adapters if memory is short)")
+            "(pipe.enable_attention_slicing() keeps the adapters if memory is short)"
+        )
 
     def disable_xformers_memory_efficient_attention(self):
         """Nothing to undo (enabling is refused); diffusers' version would reset the adapter layers."""

@@ -80,8 +80,9 @@ class ReferenceBank:
 
     @classmethod
     @torch.no_grad()
-    def recorded(cls, unet, reference_latents, timestep: int, encoder_hidden_states, added_cond_kwargs,
-                 **unet_kwargs) -> "ReferenceBank":
+    def recorded(
+        cls, unet, reference_latents, timestep: int, encoder_hidden_states, added_cond_kwargs, **unet_kwargs
+    ) -> "ReferenceBank":
         """The bank of clean reference latents (k, 4, h, w): one pass of the frozen UNet at `timestep`.
 
         The reference is shown as fully known (no mask, its own latents as the masked-image
@@ -93,14 +94,21 @@ class ReferenceBank:
         t = torch.full((reference_latents.shape[0],), timestep, device=reference_latents.device, dtype=torch.long)
         kwargs = dict(unet_kwargs.pop("cross_attention_kwargs", None) or {})
         with bank.record():
-            unet(torch.cat([reference_latents, no_mask, reference_latents], dim=1), t,
-                 encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                 cross_attention_kwargs={**kwargs, "rpa_bank": bank}, return_dict=False, **unet_kwargs)
+            unet(
+                torch.cat([reference_latents, no_mask, reference_latents], dim=1),
+                t,
+                encoder_hidden_states=encoder_hidden_states,
+                added_cond_kwargs=added_cond_kwargs,
+                cross_attention_kwargs={**kwargs, "rpa_bank": bank},
+                return_dict=False,
+                **unet_kwargs,
+            )
         return bank
 
 
-def joint_attention(query, key, value, ref_key, ref_value, heads: int, offset=None, attention_mask=None,
-                    slice_size=None):
+def joint_attention(
+    query, key, value, ref_key, ref_value, heads: int, offset=None, attention_mask=None, slice_size=None
+):
     """One softmax over own and reference keys: Attn(q, [k; k_r], [v; v_r]).
 
     query/key/value (B, N, D); ref_key/ref_value (b, M, D) with b dividing B; offset
@@ -150,8 +158,9 @@ class ReferencePatchAttnProcessor(nn.Module):
     @classmethod
     def for_layer(cls, attn, layer_name: str) -> "ReferencePatchAttnProcessor":
         with torch.device(attn.to_k.weight.device):  # built where the layer is (also "meta", for FLOP counts)
-            proc = cls(layer_name, attn.to_k.in_features, attn.to_k.out_features, attn.heads,
-                       bias=attn.to_k.bias is not None)
+            proc = cls(
+                layer_name, attn.to_k.in_features, attn.to_k.out_features, attn.heads, bias=attn.to_k.bias is not None
+            )
         proc.reset_parameters(attn)
         return proc.to(dtype=attn.to_k.weight.dtype)
 
@@ -192,7 +201,15 @@ class ReferencePatchAttnProcessor(nn.Module):
             raise KeyError(f"the reference bank has no tokens for layer {self.layer_name}") from None
         tokens = call.hidden_states  # (B, N, C)
         offset = self.gate(tokens) + math.log(rpa_scale)  # (B, N, heads)
-        z = joint_attention(attn.to_q(tokens), attn.to_k(call.context), attn.to_v(call.context),
-                            self.to_k_ref(ref), self.to_v_ref(ref), attn.heads, offset, call.attention_mask,
-                            self.slice_size)
+        z = joint_attention(
+            attn.to_q(tokens),
+            attn.to_k(call.context),
+            attn.to_v(call.context),
+            self.to_k_ref(ref),
+            self.to_v_ref(ref),
+            attn.heads,
+            offset,
+            call.attention_mask,
+            self.slice_size,
+        )
         return call.end(z)

@@ -48,14 +48,21 @@ def install_adapters(unet) -> None:
         if ours is None or isinstance(current, ours):
             processors[name] = current
             continue
-        if isinstance(current, torch.nn.Module) and any(True for _ in current.parameters()) and not (
-                ours is DualContextAttnProcessor and is_ip_adapter_processor(current)):
+        if (
+            isinstance(current, torch.nn.Module)
+            and any(True for _ in current.parameters())
+            and not (ours is DualContextAttnProcessor and is_ip_adapter_processor(current))
+        ):
             raise ValueError(
                 f"{layer} has a {type(current).__name__} with weights of its own, which Patch-Adapter's processor "
                 "would replace and lose; remove it (unet.set_attn_processor(AttnProcessor2_0())) before "
-                "installing the adapters")
-        proc = DualContextAttnProcessor.for_layer(attn) if ours is DualContextAttnProcessor \
+                "installing the adapters"
+            )
+        proc = (
+            DualContextAttnProcessor.for_layer(attn)
+            if ours is DualContextAttnProcessor
             else ReferencePatchAttnProcessor.for_layer(attn, layer)
+        )
         if is_ip_adapter_processor(current):
             proc.ip_adapter = current
         processors[name] = proc
@@ -76,7 +83,7 @@ def drop_processor_keys(module, state_dict, prefix, local_metadata) -> None:
     writes the adapters (and IP-Adapter weights) into the UNet file; they have their own
     files (`save_adapter`, the IP-Adapter checkpoint).
     """
-    for key in [k for k in state_dict if k.startswith(prefix) and PROCESSOR_KEY in k[len(prefix):]]:
+    for key in [k for k in state_dict if k.startswith(prefix) and PROCESSOR_KEY in k[len(prefix) :]]:
         del state_dict[key]
 
 
@@ -93,14 +100,16 @@ def own_state_dict(proc) -> dict:
 def adapter_processors(unet, kinds=ADAPTER_KINDS) -> dict:
     """{module path: processor} of the installed adapters of the given kinds."""
     classes = tuple(PROCESSOR_CLASSES[k] for k in kinds)
-    return {
-        name: module for name, module in unet.named_modules() if isinstance(module, classes)
-    }
+    return {name: module for name, module in unet.named_modules() if isinstance(module, classes)}
 
 
 def adapter_parameters(unet, kinds=ADAPTER_KINDS) -> list[torch.nn.Parameter]:
-    return [p for proc in adapter_processors(unet, kinds).values()
-            for name, p in proc.named_parameters() if not name.startswith("ip_adapter.")]
+    return [
+        p
+        for proc in adapter_processors(unet, kinds).values()
+        for name, p in proc.named_parameters()
+        if not name.startswith("ip_adapter.")
+    ]
 
 
 def adapter_state_dict(unet, kinds=ADAPTER_KINDS) -> dict[str, torch.Tensor]:
@@ -120,8 +129,10 @@ def reset_adapters(unet, kinds=ADAPTER_KINDS) -> None:
 @contextlib.contextmanager
 def initial_adapters(unet, kinds=ADAPTER_KINDS):
     """Within this block the adapters are at their initial weights; the trained ones come back after."""
-    trained = {name: {k: v.clone() for k, v in own_state_dict(proc).items()}
-               for name, proc in adapter_processors(unet, kinds).items()}
+    trained = {
+        name: {k: v.clone() for k, v in own_state_dict(proc).items()}
+        for name, proc in adapter_processors(unet, kinds).items()
+    }
     reset_adapters(unet, kinds)
     try:
         yield unet

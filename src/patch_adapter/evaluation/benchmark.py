@@ -51,9 +51,15 @@ def benchmark_task(seed: int, index: int, width: int, height: int, native: int) 
     """
     pair = index // 2
     task_seed = int(np.random.SeedSequence([seed, pair]).generate_state(1)[0])
-    return make_task(TASK_KINDS[index % 2], task_seed, width, height, native=native,
-                     mask_kind=MASK_KINDS[pair % len(MASK_KINDS)],
-                     placement=PLACEMENTS[(pair + pair // len(MASK_KINDS)) % len(PLACEMENTS)])
+    return make_task(
+        TASK_KINDS[index % 2],
+        task_seed,
+        width,
+        height,
+        native=native,
+        mask_kind=MASK_KINDS[pair % len(MASK_KINDS)],
+        placement=PLACEMENTS[(pair + pair // len(MASK_KINDS)) % len(PLACEMENTS)],
+    )
 
 
 def benchmark_tasks(seed: int, count: int, width: int, height: int, native: int) -> list[Task]:
@@ -94,16 +100,28 @@ def run_method(pipe, task: Task, method: str, steps: int, seed: int) -> dict:
     adapters = initial_adapters(pipe.unet) if method in UNTRAINED else contextlib.nullcontext()
     started = time.perf_counter()
     with adapters:
-        output = pipe(prompt=task.prompt, image=task.image, mask_image=task.mask,
-                      generator=torch.Generator().manual_seed(seed),
-                      settings=METHODS[method].replace(num_inference_steps=steps))
+        output = pipe(
+            prompt=task.prompt,
+            image=task.image,
+            mask_image=task.mask,
+            generator=torch.Generator().manual_seed(seed),
+            settings=METHODS[method].replace(num_inference_steps=steps),
+        )
     seconds = time.perf_counter() - started
     rows, cols = tile_borders(output.plan.tiles, pipe.vae_scale_factor)
     scores = score_result(task, output.arrays[0], rows, cols)
     scores["sharpness_gap"] = scores["sharpness"] - scores["sharpness_truth"]
     settings = {key: value for key, value in task_record(task).items() if key not in ("scene", "truth_scene")}
-    record = {**settings, "method": method, "steps": steps, "generator_seed": seed, **scores,
-              "patches": len(output.plan.tiles), "unet_forwards": output.plan.unet_forwards, "seconds": seconds}
+    record = {
+        **settings,
+        "method": method,
+        "steps": steps,
+        "generator_seed": seed,
+        **scores,
+        "patches": len(output.plan.tiles),
+        "unet_forwards": output.plan.unet_forwards,
+        "seconds": seconds,
+    }
     return {key: finite_or_none(value) for key, value in record.items()}
 
 
@@ -117,7 +135,7 @@ class Stat:
     name: str
     field: str
     kinds: tuple[str, ...]  # task kinds whose records count
-    how: str                # "mean" (bootstrap interval), "proportion" (Wilson interval) or "max" (no interval)
+    how: str  # "mean" (bootstrap interval), "proportion" (Wilson interval) or "max" (no interval)
     label: str
 
 
@@ -143,8 +161,9 @@ Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                       confidence: float = CONFIDENCE) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (fixed seed: the same records give the same table).
 
     No normality assumed: seam ratios and PSNR are skewed, and the samples are small.
@@ -209,7 +228,7 @@ def format_number(value: float | None) -> str:
 
 
 def format_cell(entry: dict) -> str:
-    """"value [low, high]", or the value alone where there is no interval."""
+    """ "value [low, high]", or the value alone where there is no interval."""
     if entry["low"] is None:
         return format_number(entry["value"])
     return f"{format_number(entry['value'])} [{format_number(entry['low'])}, {format_number(entry['high'])}]"
@@ -225,8 +244,18 @@ def markdown_table(summary: dict[str, dict[str, dict]], stats: tuple[Stat, ...] 
     return "\n".join(lines)
 
 
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
 PANEL_WIDTH, ROW_HEIGHT, LABEL_WIDTH, VALUE_WIDTH, TITLE_HEIGHT = 320, 14, 92, 44, 18
 
 
@@ -250,8 +279,9 @@ def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], stat: Stat, s
         if entry["value"] is None:
             continue
         colour = PALETTE[row % len(PALETTE)]
-        draw.rectangle((min(x(0.0), x(entry["value"])), top + 3, max(x(0.0), x(entry["value"])), top + ROW_HEIGHT - 3),
-                       fill=colour)
+        draw.rectangle(
+            (min(x(0.0), x(entry["value"])), top + 3, max(x(0.0), x(entry["value"])), top + ROW_HEIGHT - 3), fill=colour
+        )
         if entry["low"] is not None:
             draw.line((x(entry["low"]), middle, x(entry["high"]), middle), fill=(0, 0, 0))
             for end in (entry["low"], entry["high"]):
@@ -260,8 +290,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], stat: Stat, s
     draw.line((x(0.0), y0 + TITLE_HEIGHT, x(0.0), y0 + TITLE_HEIGHT + len(entries) * ROW_HEIGHT), fill=(90, 90, 90))
 
 
-def plot_summary(summary: dict[str, dict[str, dict]], path, stats: tuple[Stat, ...] = STATS,
-                 columns: int = 3) -> Path:
+def plot_summary(summary: dict[str, dict[str, dict]], path, stats: tuple[Stat, ...] = STATS, columns: int = 3) -> Path:
     """A PNG (PIL only, no plotting library): one small bar chart per statistic, 95% intervals as whiskers."""
     panel_height = TITLE_HEIGHT + len(summary) * ROW_HEIGHT + 8
     rows = -(-len(stats) // columns)

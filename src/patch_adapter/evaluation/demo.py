@@ -47,15 +47,15 @@ def comparison_sheet(panels: list[tuple[str, np.ndarray]], mask: np.ndarray, zoo
     rows = []
     for label, image in panels:
         crop = Image.fromarray(image[top:bottom, left:right]).resize(
-            ((right - left) * zoom, (bottom - top) * zoom), Image.Resampling.NEAREST)
+            ((right - left) * zoom, (bottom - top) * zoom), Image.Resampling.NEAREST
+        )
         crop = np.asarray(crop.resize((width, int(width * (bottom - top) / (right - left))), Image.Resampling.NEAREST))
         rows.append(np.concatenate([labelled(image, label), labelled(crop, f"{label}, zoomed")], axis=0))
     gap = np.full((rows[0].shape[0], 4, 3), 255, dtype=np.uint8)
     return np.concatenate([part for row in rows for part in (row, gap)][:-1], axis=1)
 
 
-def run_demo(pipe, output: Path, size: int = 512, seed: int = 0, steps: int = 20,
-             methods=DEMO_METHODS) -> dict:
+def run_demo(pipe, output: Path, size: int = 512, seed: int = 0, steps: int = 20, methods=DEMO_METHODS) -> dict:
     """Inpaint one insert task with each method; write results and the sheet; return the scores."""
     import torch
 
@@ -66,11 +66,20 @@ def run_demo(pipe, output: Path, size: int = 512, seed: int = 0, steps: int = 20
     panels = [("input", task.image), ("mask", mask_picture)]
     scores = {}
     for method in methods:
-        result = pipe(prompt=task.prompt, image=task.image, mask_image=task.mask, method=method,
-                      num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+        result = pipe(
+            prompt=task.prompt,
+            image=task.image,
+            mask_image=task.mask,
+            method=method,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
         pixels = result.arrays[0]
-        save_image(output / f"{method}.png", pixels,
-                   metadata={"prompt": task.prompt, "seed": seed, "method": method, "steps": steps})
+        save_image(
+            output / f"{method}.png",
+            pixels,
+            metadata={"prompt": task.prompt, "seed": seed, "method": method, "steps": steps},
+        )
         panels.append((method, pixels))
         scores[method] = score_result(task, pixels)
     panels.append(("truth", task.truth))

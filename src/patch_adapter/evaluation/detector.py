@@ -21,9 +21,9 @@ import numpy as np
 from ..masks import mask_bbox
 from .scenes import OBJECT_COLOURS, SHAPES, coverage_from_distance, shape_signed_distance
 
-TEMPLATE_SIZE = 32          # side of the shape templates, pixels
-BACKGROUND_CHROMA = 50.0    # chroma length below which a pixel counts as background (tints reach ~26)
-MIN_OBJECT_PIXELS = 8       # fewer coloured pixels than this (or than 0.2% of the mask) is "no object"
+TEMPLATE_SIZE = 32  # side of the shape templates, pixels
+BACKGROUND_CHROMA = 50.0  # chroma length below which a pixel counts as background (tints reach ~26)
+MIN_OBJECT_PIXELS = 8  # fewer coloured pixels than this (or than 0.2% of the mask) is "no object"
 
 
 def chroma(pixels: np.ndarray) -> np.ndarray:

@@ -71,8 +71,8 @@ def gaussian_filter(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     pad = [(radius, radius), (radius, radius)] + [(0, 0)] * (image.ndim - 2)
     padded = np.pad(image, pad, mode="symmetric")
     height, width = image.shape[:2]
-    rows = sum(w * padded[i:i + height] for i, w in enumerate(kernel))
-    return sum(w * rows[:, i:i + width] for i, w in enumerate(kernel))
+    rows = sum(w * padded[i : i + height] for i, w in enumerate(kernel))
+    return sum(w * rows[:, i : i + width] for i, w in enumerate(kernel))
 
 
 def ssim_radius(sigma: float) -> int:
@@ -91,8 +91,9 @@ def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float = 255.0, sigma: flo
     return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
 
 
-def ssim_in_mask(result: np.ndarray, truth: np.ndarray, mask: np.ndarray, data_range: float = 255.0,
-                 sigma: float = 1.5) -> float:
+def ssim_in_mask(
+    result: np.ndarray, truth: np.ndarray, mask: np.ndarray, data_range: float = 255.0, sigma: float = 1.5
+) -> float:
     """Mean SSIM over the masked pixels and channels; 1.0 for identical pixels.
 
     Computed on the mask's bounding box grown by the window's reach, so the windows of
@@ -137,9 +138,9 @@ def block_differences(image: np.ndarray, scale: int = 3) -> tuple[np.ndarray, np
     for c in range(channels):
         padded = np.pad(pixels[:, :, c], k, mode="edge")
         tall = box_sums(padded, 2 * k - 1, k) / (k * (2 * k - 1))  # block at rows i.., cols j..
-        across_x += np.abs(tall[1:height + 1, 1:width] - tall[1:height + 1, k + 1:k + width])
+        across_x += np.abs(tall[1 : height + 1, 1:width] - tall[1 : height + 1, k + 1 : k + width])
         wide = box_sums(padded, k, 2 * k - 1) / (k * (2 * k - 1))
-        across_y += np.abs(wide[1:height, 1:width + 1] - wide[k + 1:k + height, 1:width + 1])
+        across_y += np.abs(wide[1:height, 1 : width + 1] - wide[k + 1 : k + height, 1 : width + 1])
     return across_x / channels, across_y / channels
 
 
@@ -148,8 +149,12 @@ def mask_border_pairs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mask[:, 1:] != mask[:, :-1], mask[1:, :] != mask[:-1, :]
 
 
-def tile_border_pairs(shape: tuple[int, int], rows: tuple[int, ...] | list[int], cols: tuple[int, ...] | list[int],
-                      mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def tile_border_pairs(
+    shape: tuple[int, int],
+    rows: tuple[int, ...] | list[int],
+    cols: tuple[int, ...] | list[int],
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour pairs straddling tile borders, restricted to pairs with both pixels in `mask` if given.
 
     A border at row r lies between pixel rows r - 1 and r (a tile starting or ending
@@ -202,8 +207,14 @@ def natural_change(changes: np.ndarray, floor: float) -> float:
     return max(float(typical.mean()) if typical.size else 0.0, floor)
 
 
-def boundary_strength(image: np.ndarray, across_x: np.ndarray, across_y: np.ndarray, reference: np.ndarray,
-                      scale: int = 3, floor: float = FLOOR) -> float:
+def boundary_strength(
+    image: np.ndarray,
+    across_x: np.ndarray,
+    across_y: np.ndarray,
+    reference: np.ndarray,
+    scale: int = 3,
+    floor: float = FLOOR,
+) -> float:
     """Mean over boundary pairs of their change / the natural change of reference pairs of the same direction.
 
     Changes are `block_differences` at `scale`. `reference` is an (H, W) bool map of
@@ -222,8 +233,9 @@ def boundary_strength(image: np.ndarray, across_x: np.ndarray, across_y: np.ndar
     return total / count if count else float("nan")
 
 
-def seam_strength(image: np.ndarray, mask: np.ndarray, scale: int = 3, margin: int = 8, context: int = 64,
-                  data_range: float = 255.0) -> float:
+def seam_strength(
+    image: np.ndarray, mask: np.ndarray, scale: int = 3, margin: int = 8, context: int = 64, data_range: float = 255.0
+) -> float:
     """Strength of the mask's border in `image`: 1.0 = as strong as the picture's natural changes nearby.
 
     Reference: pairs in the ring outside the mask from `margin` to `context` pixels
@@ -239,9 +251,16 @@ def seam_strength(image: np.ndarray, mask: np.ndarray, scale: int = 3, margin: i
     return boundary_strength(image[window], across_x, across_y, reference, scale, floor=FLOOR * data_range / 255.0)
 
 
-def tile_seam_strength(image: np.ndarray, rows: tuple[int, ...] | list[int], cols: tuple[int, ...] | list[int],
-                       mask: np.ndarray | None = None, scale: int = 3, margin: int = 8, context: int = 64,
-                       data_range: float = 255.0) -> float:
+def tile_seam_strength(
+    image: np.ndarray,
+    rows: tuple[int, ...] | list[int],
+    cols: tuple[int, ...] | list[int],
+    mask: np.ndarray | None = None,
+    scale: int = 3,
+    margin: int = 8,
+    context: int = 64,
+    data_range: float = 255.0,
+) -> float:
     """Strength of tile borders (pixel rows/columns where tiles start or end) inside the fill.
 
     With a mask, only border pairs with both pixels masked count, and the reference is
@@ -257,9 +276,14 @@ def tile_seam_strength(image: np.ndarray, rows: tuple[int, ...] | list[int], col
         return float("nan")
     inside = mask[window]
     reference = dilate_mask(inside, context) & ~dilate_mask(inside, margin)
-    return boundary_strength(image[window], across_x[window[0], window[1].start:window[1].stop - 1],
-                             across_y[window[0].start:window[0].stop - 1, window[1]], reference, scale,
-                             floor=FLOOR * data_range / 255.0)
+    return boundary_strength(
+        image[window],
+        across_x[window[0], window[1].start : window[1].stop - 1],
+        across_y[window[0].start : window[0].stop - 1, window[1]],
+        reference,
+        scale,
+        floor=FLOOR * data_range / 255.0,
+    )
 
 
 # --- sharpness -----------------------------------------------------------------------
@@ -271,8 +295,7 @@ def laplacian(image: np.ndarray) -> np.ndarray:
     if grey.ndim == 3:
         grey = grey.mean(axis=-1)
     out = np.zeros_like(grey)
-    out[1:-1, 1:-1] = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:]
-                       - 4 * grey[1:-1, 1:-1])
+    out[1:-1, 1:-1] = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
     return out
 
 

@@ -46,9 +46,9 @@ TEXTURES: dict[str, str] = {"stripes": "striped", "grid": "gridded", "dots": "do
 """Texture name -> the adjective captions use for it."""
 
 GRAMMAR_WORDS: tuple[str, ...] = ("a", "an", "and", "on", "background")
-VOCABULARY: tuple[str, ...] = tuple(sorted(
-    set(GRAMMAR_WORDS) | set(OBJECT_COLOURS) | set(SHAPES) | set(BACKGROUND_TINTS) | set(TEXTURES.values())
-))
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(set(GRAMMAR_WORDS) | set(OBJECT_COLOURS) | set(SHAPES) | set(BACKGROUND_TINTS) | set(TEXTURES.values()))
+)
 """Every word a caption or prompt of this module can contain (no punctuation, lower case)."""
 
 
@@ -56,26 +56,26 @@ VOCABULARY: tuple[str, ...] = tuple(sorted(
 class Background:
     """A tinted background with one fine texture, in full-resolution pixels."""
 
-    tint: str                       # a BACKGROUND_TINTS name
-    texture: str                    # a TEXTURES name
-    period: int                     # lines: spacing along x+y (grid: x-y lines one more); dots: cell side; pixels
-    line_width: int                 # line width along x+y, or dot side, in pixels (1 or 2)
-    direction: int                  # stripes: +1 lines follow x+y = const, -1 they follow x-y = const
-    contrast: float                 # grey levels a line or dot adds (sign: lighter/darker); grain: its std
-    gradient: tuple[float, float]   # grey levels added from the left to the right edge, top to bottom
-    sensor_grain: float             # std of per-pixel noise over the whole picture, objects included
-    seed: int                       # texture phase and noise
+    tint: str  # a BACKGROUND_TINTS name
+    texture: str  # a TEXTURES name
+    period: int  # lines: spacing along x+y (grid: x-y lines one more); dots: cell side; pixels
+    line_width: int  # line width along x+y, or dot side, in pixels (1 or 2)
+    direction: int  # stripes: +1 lines follow x+y = const, -1 they follow x-y = const
+    contrast: float  # grey levels a line or dot adds (sign: lighter/darker); grain: its std
+    gradient: tuple[float, float]  # grey levels added from the left to the right edge, top to bottom
+    sensor_grain: float  # std of per-pixel noise over the whole picture, objects included
+    seed: int  # texture phase and noise
 
 
 @dataclass(frozen=True)
 class SceneObject:
     """A flat-coloured shape filling a square box; geometry is resolution independent."""
 
-    shape: str      # a SHAPES name
-    colour: str     # an OBJECT_COLOURS name
-    x: float        # centre, share of the width
-    y: float        # centre, share of the height
-    size: float     # side of the bounding square, share of the shorter image side
+    shape: str  # a SHAPES name
+    colour: str  # an OBJECT_COLOURS name
+    x: float  # centre, share of the width
+    y: float  # centre, share of the height
+    size: float  # side of the bounding square, share of the shorter image side
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,23 @@ SHAPE_POLYGONS: dict[str, np.ndarray] = {
     "triangle": np.array([[0, -1], [1, 1], [-1, 1]], dtype=float),
     "diamond": np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], dtype=float),
     "star": _fill_unit_box(_star()),
-    "cross": np.array([[-_ARM, -1], [_ARM, -1], [_ARM, -_ARM], [1, -_ARM], [1, _ARM], [_ARM, _ARM],
-                       [_ARM, 1], [-_ARM, 1], [-_ARM, _ARM], [-1, _ARM], [-1, -_ARM], [-_ARM, -_ARM]],
-                      dtype=float),
+    "cross": np.array(
+        [
+            [-_ARM, -1],
+            [_ARM, -1],
+            [_ARM, -_ARM],
+            [1, -_ARM],
+            [1, _ARM],
+            [_ARM, _ARM],
+            [_ARM, 1],
+            [-_ARM, 1],
+            [-_ARM, _ARM],
+            [-1, _ARM],
+            [-1, -_ARM],
+            [-_ARM, -_ARM],
+        ],
+        dtype=float,
+    ),
 }
 """Outlines in unit-box coordinates (x right, y down, box [-1, 1]^2); the circle is analytic."""
 
@@ -189,8 +203,9 @@ def banded_signed_distance(shape: str, xs: np.ndarray, ys: np.ndarray, half: flo
     return out
 
 
-def object_signed_distance(obj: SceneObject, width: int, height: int,
-                           margin: float = 1.0) -> tuple[np.ndarray, tuple[int, int]]:
+def object_signed_distance(
+    obj: SceneObject, width: int, height: int, margin: float = 1.0
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Signed distance (pixels) to the object over its box grown by `margin`, clipped to the image.
 
     Exact within margin + 1 pixels of the outline (what coverage and grown masks read);
@@ -252,8 +267,16 @@ def _line_integral2(t: np.ndarray, period: float, width: float) -> np.ndarray:
     return whole + n * width * r + part
 
 
-def diagonal_line_coverage(rows: np.ndarray, cols: np.ndarray, scale: tuple[float, float], period: float,
-                           width: float, phase: float, direction: int, offset: float) -> np.ndarray:
+def diagonal_line_coverage(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    scale: tuple[float, float],
+    period: float,
+    width: float,
+    phase: float,
+    direction: int,
+    offset: float,
+) -> np.ndarray:
     """Share of each output pixel covered by diagonal lines of the full-resolution texture.
 
     Output pixel (row, col) covers full-resolution [col*sx, (col+1)*sx) x [row*sy, (row+1)*sy).
@@ -272,8 +295,16 @@ def diagonal_line_coverage(rows: np.ndarray, cols: np.ndarray, scale: tuple[floa
     return (f[0] - f[1] - f[2] + f[3]) / (sx * sy)
 
 
-def _diagonal_lines(height: int, width: int, scale: tuple[float, float], period: int, line_width: int,
-                    seed: int, direction: int, full_height: int) -> np.ndarray:
+def _diagonal_lines(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    period: int,
+    line_width: int,
+    seed: int,
+    direction: int,
+    full_height: int,
+) -> np.ndarray:
     """(H, W) float32 line coverage; at equal x/y scale a lookup along the diagonal index."""
     phase = float(seed % period)
     offset = float(period * (full_height // period + 2))
@@ -291,7 +322,7 @@ def _diagonal_lines(height: int, width: int, scale: tuple[float, float], period:
     cols = np.arange(width, dtype=np.float64)[None, :]
     for start in range(0, height, 256):
         rows = np.arange(start, min(height, start + 256), dtype=np.float64)[:, None]
-        out[start:start + rows.shape[0]] = diagonal_line_coverage(rows, cols, *args)
+        out[start : start + rows.shape[0]] = diagonal_line_coverage(rows, cols, *args)
     return out
 
 
@@ -383,7 +414,7 @@ def render_scene(scene: Scene, width: int | None = None, height: int | None = No
     canvas = render_background(scene, width, height)
     for obj in scene.objects:
         coverage, (top, left) = object_coverage(obj, width, height)
-        window = canvas[top:top + coverage.shape[0], left:left + coverage.shape[1]]
+        window = canvas[top : top + coverage.shape[0], left : left + coverage.shape[1]]
         colour = np.asarray(OBJECT_COLOURS[obj.colour], dtype=np.float32)
         window += coverage[:, :, None] * (colour - window)
     grain = pixel_noise(height, width, (scene.height, scene.width), scene.background.seed + 5)
@@ -416,19 +447,29 @@ def scene_caption(scene: Scene) -> str:
 def object_truth(obj: SceneObject, width: int, height: int) -> dict:
     """The object as JSON-ready data, with its RGB, phrase and box in pixels of a width x height render."""
     record = dataclasses.asdict(obj)
-    record.update(rgb=list(OBJECT_COLOURS[obj.colour]), phrase=object_phrase(obj),
-                  box=[round(v, 3) for v in object_box(obj, width, height)])
+    record.update(
+        rgb=list(OBJECT_COLOURS[obj.colour]),
+        phrase=object_phrase(obj),
+        box=[round(v, 3) for v in object_box(obj, width, height)],
+    )
     return record
 
 
 def scene_truth(scene: Scene) -> dict:
     """Everything known about the scene, JSON-ready; boxes in full-resolution pixels."""
     background = dataclasses.asdict(scene.background)
-    background.update(gradient=list(scene.background.gradient), rgb=list(BACKGROUND_TINTS[scene.background.tint]),
-                      adjective=TEXTURES[scene.background.texture])
-    return {"width": scene.width, "height": scene.height, "caption": scene_caption(scene),
-            "background": background,
-            "objects": [object_truth(obj, scene.width, scene.height) for obj in scene.objects]}
+    background.update(
+        gradient=list(scene.background.gradient),
+        rgb=list(BACKGROUND_TINTS[scene.background.tint]),
+        adjective=TEXTURES[scene.background.texture],
+    )
+    return {
+        "width": scene.width,
+        "height": scene.height,
+        "caption": scene_caption(scene),
+        "background": background,
+        "objects": [object_truth(obj, scene.width, scene.height) for obj in scene.objects],
+    }
 
 
 # --- random scenes ------------------------------------------------------------------
@@ -445,10 +486,15 @@ def random_background(rng: np.random.Generator, texture: str | None = None, tint
     sign = float(rng.choice([-1.0, 1.0]))
     contrast = float(rng.uniform(10, 16)) if texture == "grain" else sign * float(rng.uniform(30, 45))
     return Background(
-        tint=tint, texture=texture, period=period, line_width=line_width,
-        direction=int(rng.choice([-1, 1])), contrast=round(contrast, 3),
+        tint=tint,
+        texture=texture,
+        period=period,
+        line_width=line_width,
+        direction=int(rng.choice([-1, 1])),
+        contrast=round(contrast, 3),
         gradient=(round(float(rng.uniform(-12, 12)), 3), round(float(rng.uniform(-12, 12)), 3)),
-        sensor_grain=round(float(rng.uniform(1.5, 3.0)), 3), seed=int(rng.integers(0, 2**31 - 1)),
+        sensor_grain=round(float(rng.uniform(1.5, 3.0)), 3),
+        seed=int(rng.integers(0, 2**31 - 1)),
     )
 
 
@@ -457,8 +503,14 @@ def boxes_overlap(a: tuple[float, ...], b: tuple[float, ...], gap: float = 0.0) 
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
-def random_object(rng: np.random.Generator, width: int, height: int, size_range: tuple[float, float],
-                  shape: str | None = None, colour: str | None = None) -> SceneObject:
+def random_object(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    size_range: tuple[float, float],
+    shape: str | None = None,
+    colour: str | None = None,
+) -> SceneObject:
     """A random shape and colour of a random size, fully inside the picture."""
     shape = shape or str(rng.choice(SHAPES))
     colour = colour or str(rng.choice(list(OBJECT_COLOURS)))
@@ -469,10 +521,15 @@ def random_object(rng: np.random.Generator, width: int, height: int, size_range:
     return SceneObject(shape=shape, colour=colour, x=round(x, 6), y=round(y, 6), size=round(size, 6))
 
 
-def place_objects(rng: np.random.Generator, width: int, height: int, count: int,
-                  size_range: tuple[float, float] = (0.05, 0.3),
-                  avoid: tuple[tuple[float, float, float, float], ...] = (),
-                  attempts: int = 100) -> tuple[SceneObject, ...]:
+def place_objects(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    count: int,
+    size_range: tuple[float, float] = (0.05, 0.3),
+    avoid: tuple[tuple[float, float, float, float], ...] = (),
+    attempts: int = 100,
+) -> tuple[SceneObject, ...]:
     """Up to `count` random objects whose boxes keep a gap from each other and from `avoid`.
 
     Boxes are in pixels of a width x height render. Gives up on an object after
@@ -492,9 +549,15 @@ def place_objects(rng: np.random.Generator, width: int, height: int, count: int,
     return tuple(placed)
 
 
-def random_scene(seed: int, width: int = 1024, height: int = 1024, max_objects: int = 3,
-                 size_range: tuple[float, float] = (0.05, 0.3), texture: str | None = None,
-                 tint: str | None = None) -> Scene:
+def random_scene(
+    seed: int,
+    width: int = 1024,
+    height: int = 1024,
+    max_objects: int = 3,
+    size_range: tuple[float, float] = (0.05, 0.3),
+    texture: str | None = None,
+    tint: str | None = None,
+) -> Scene:
     """A scene drawn from `seed` alone: 1..max_objects non-overlapping objects on a background."""
     rng = np.random.default_rng(seed)
     background = random_background(rng, texture=texture, tint=tint)
@@ -509,4 +572,4 @@ def with_object(scene: Scene, obj: SceneObject) -> Scene:
 
 def without_object(scene: Scene, index: int) -> Scene:
     """The scene with its index-th object taken out."""
-    return dataclasses.replace(scene, objects=scene.objects[:index] + scene.objects[index + 1:])
+    return dataclasses.replace(scene, objects=scene.objects[:index] + scene.objects[index + 1 :])

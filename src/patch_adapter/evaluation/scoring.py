@@ -22,8 +22,9 @@ def prompt_followed(task: Task, detected: tuple[str | None, str | None]) -> bool
     return detected[0] is None
 
 
-def score_result(task: Task, result: np.ndarray, tile_rows: tuple[int, ...] = (),
-                 tile_cols: tuple[int, ...] = ()) -> dict:
+def score_result(
+    task: Task, result: np.ndarray, tile_rows: tuple[int, ...] = (), tile_cols: tuple[int, ...] = ()
+) -> dict:
     """Fidelity, seams, sharpness, prompt accuracy and outside change of `result` on `task`.
 
     tile_rows/tile_cols: pixel rows/columns where the method's tiles start or end

@@ -44,39 +44,45 @@ TASK_KINDS: tuple[str, ...] = ("insert", "remove")
 MASK_KINDS: tuple[str, ...] = ("object", "box", "brush")
 PLACEMENTS: tuple[str, ...] = ("free", "border", "large")
 
-TARGET_SIZES = (0.08, 0.3)   # free and border targets: side as a share of the shorter image side
-OTHER_SIZES = (0.05, 0.25)   # the other objects of the scene
-LARGE_MARGIN = 1.15          # a large target's side is at least this many native patches
+TARGET_SIZES = (0.08, 0.3)  # free and border targets: side as a share of the shorter image side
+OTHER_SIZES = (0.05, 0.25)  # the other objects of the scene
+LARGE_MARGIN = 1.15  # a large target's side is at least this many native patches
 
 
 @dataclass(frozen=True, eq=False)
 class Task:
     """One inpainting case: what the method gets (image, mask, prompt) and what it should give (truth)."""
 
-    kind: str                 # "insert" or "remove"
-    mask_kind: str            # "object", "box" or "brush"
-    placement: str            # "free", "border" or "large"
+    kind: str  # "insert" or "remove"
+    mask_kind: str  # "object", "box" or "brush"
+    placement: str  # "free", "border" or "large"
     seed: int
-    native: int               # the backbone's native patch side the task was sized for, pixels
-    image: np.ndarray         # (H, W, 3) uint8, the input picture
-    mask: np.ndarray          # (H, W) bool, True = fill
+    native: int  # the backbone's native patch side the task was sized for, pixels
+    image: np.ndarray  # (H, W, 3) uint8, the input picture
+    mask: np.ndarray  # (H, W) bool, True = fill
     prompt: str
-    truth: np.ndarray         # (H, W, 3) uint8, the ideal result (equal to image outside the mask)
-    target: SceneObject       # the object inserted or removed
-    scene: Scene              # what `image` shows
-    truth_scene: Scene        # what `truth` shows
+    truth: np.ndarray  # (H, W, 3) uint8, the ideal result (equal to image outside the mask)
+    target: SceneObject  # the object inserted or removed
+    scene: Scene  # what `image` shows
+    truth_scene: Scene  # what `truth` shows
 
 
 def task_record(task: Task) -> dict:
     """The task without its arrays, JSON-ready: settings, prompt, mask box and both scenes' truth."""
     top, left, bottom, right = mask_bbox(task.mask)
     return {
-        "kind": task.kind, "mask_kind": task.mask_kind, "placement": task.placement, "seed": task.seed,
-        "native": task.native, "prompt": task.prompt, "caption": scene_truth(task.scene)["caption"],
+        "kind": task.kind,
+        "mask_kind": task.mask_kind,
+        "placement": task.placement,
+        "seed": task.seed,
+        "native": task.native,
+        "prompt": task.prompt,
+        "caption": scene_truth(task.scene)["caption"],
         "target": object_truth(task.target, task.scene.width, task.scene.height),
         "mask_box": [left, top, right, bottom],
         "mask_area": int(task.mask.sum()),
-        "scene": scene_truth(task.scene), "truth_scene": scene_truth(task.truth_scene),
+        "scene": scene_truth(task.scene),
+        "truth_scene": scene_truth(task.truth_scene),
     }
 
 
@@ -89,8 +95,12 @@ def reserved_box(obj: SceneObject, width: int, height: int) -> tuple[float, floa
     """The box (left, top, right, bottom) that holds any mask of the target and no other object."""
     left, top, right, bottom = object_box(obj, width, height)
     reach = 4 * mask_margin(obj, width, height)
-    return (max(0.0, left - reach), max(0.0, top - reach),
-            min(float(width), right + reach), min(float(height), bottom + reach))
+    return (
+        max(0.0, left - reach),
+        max(0.0, top - reach),
+        min(float(width), right + reach),
+        min(float(height), bottom + reach),
+    )
 
 
 def target_object(rng: np.random.Generator, width: int, height: int, native: int, placement: str) -> SceneObject:
@@ -116,8 +126,12 @@ def target_object(rng: np.random.Generator, width: int, height: int, native: int
 def _window(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
     """Integer (top, left, bottom, right) pixels of a float box, clipped to the picture."""
     left, top, right, bottom = box
-    return (max(0, int(np.floor(top))), max(0, int(np.floor(left))),
-            min(height, int(np.ceil(bottom))), min(width, int(np.ceil(right))))
+    return (
+        max(0, int(np.floor(top))),
+        max(0, int(np.floor(left))),
+        min(height, int(np.ceil(bottom))),
+        min(width, int(np.ceil(right))),
+    )
 
 
 def outline_mask(obj: SceneObject, width: int, height: int) -> np.ndarray:
@@ -125,7 +139,7 @@ def outline_mask(obj: SceneObject, width: int, height: int) -> np.ndarray:
     margin = mask_margin(obj, width, height)
     distance, (top, left) = object_signed_distance(obj, width, height, margin=margin)
     mask = np.zeros((height, width), dtype=bool)
-    mask[top:top + distance.shape[0], left:left + distance.shape[1]] = distance < margin
+    mask[top : top + distance.shape[0], left : left + distance.shape[1]] = distance < margin
     return mask
 
 
@@ -175,8 +189,16 @@ def target_mask(rng: np.random.Generator, obj: SceneObject, width: int, height: 
     raise ValueError(f"unknown mask kind {mask_kind!r}; expected one of {MASK_KINDS}")
 
 
-def make_task(kind: str, seed: int, width: int, height: int, native: int = 128, mask_kind: str = "object",
-              placement: str = "free", max_objects: int = 3) -> Task:
+def make_task(
+    kind: str,
+    seed: int,
+    width: int,
+    height: int,
+    native: int = 128,
+    mask_kind: str = "object",
+    placement: str = "free",
+    max_objects: int = 3,
+) -> Task:
     """A seeded insert or remove task at width x height (the scene's full resolution).
 
     `native` is the backbone's patch side in pixels (128 for the tiny backbone, 1024 for
@@ -199,6 +221,17 @@ def make_task(kind: str, seed: int, width: int, height: int, native: int = 128, 
         scene, truth_scene, prompt = without_target, with_target, object_phrase(target)
     else:
         scene, truth_scene, prompt = with_target, without_target, background_phrase(background)
-    return Task(kind=kind, mask_kind=mask_kind, placement=placement, seed=seed, native=native,
-                image=render_scene(scene), mask=mask, prompt=prompt, truth=render_scene(truth_scene),
-                target=target, scene=scene, truth_scene=truth_scene)
+    return Task(
+        kind=kind,
+        mask_kind=mask_kind,
+        placement=placement,
+        seed=seed,
+        native=native,
+        image=render_scene(scene),
+        mask=mask,
+        prompt=prompt,
+        truth=render_scene(truth_scene),
+        target=target,
+        scene=scene,
+        truth_scene=truth_scene,
+    )

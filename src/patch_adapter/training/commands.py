@@ -11,9 +11,10 @@ import json
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train the Dual Context Adapter (stage1) or the Reference Patch Adapter (stage2)",
+        "train",
+        help="train the Dual Context Adapter (stage1) or the Reference Patch Adapter (stage2)",
         description="Train one adapter on image-caption data. Runs on one CPU or GPU as is, and on many "
-                    "processes/GPUs/machines through `accelerate launch -m patch_adapter.cli train ...`.",
+        "processes/GPUs/machines through `accelerate launch -m patch_adapter.cli train ...`.",
     )
     p.add_argument("stage", choices=["stage1", "stage2"], help="stage1: DCA at native size; stage2: RPA on patches")
     p.add_argument("--model", default=None, help="backbone: tiny, a diffusers folder, a single file or a hub id")
@@ -43,8 +44,15 @@ def run_train(args) -> int:
     from .config import resolve_config
     from .trainer import train
 
-    overrides = {"model": args.model, "data": args.data, "output": args.output, "max_steps": args.max_steps,
-                 "seed": args.seed, "resume": args.resume, "dca": args.dca}
+    overrides = {
+        "model": args.model,
+        "data": args.data,
+        "output": args.output,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "resume": args.resume,
+        "dca": args.dca,
+    }
     config = resolve_config(args.stage, args.config, overrides)
     result = train(config)
     if PartialState().is_main_process:  # one line, not one per process under accelerate launch

@@ -98,8 +98,9 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         unknown = set(self.mask_mix) - set(MASK_KINDS)
         if unknown:
-            raise ValueError(f"unknown mask kind(s) in mask_mix: {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(MASK_KINDS)})")
+            raise ValueError(
+                f"unknown mask kind(s) in mask_mix: {', '.join(sorted(unknown))} (known: {', '.join(MASK_KINDS)})"
+            )
         if not any(float(v) > 0 for v in self.mask_mix.values()) or any(float(v) < 0 for v in self.mask_mix.values()):
             raise ValueError("mask_mix needs non-negative weights, at least one of them positive")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -111,16 +112,25 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("lr_warmup_steps", "checkpoints_total_limit", "dataloader_num_workers", "overfit_batches",
-                     "resolution", "bucket_step", "stage2_min_side", "reference_shift_pixels"):
+        for name in (
+            "lr_warmup_steps",
+            "checkpoints_total_limit",
+            "dataloader_num_workers",
+            "overfit_batches",
+            "resolution",
+            "bucket_step",
+            "stage2_min_side",
+            "reference_shift_pixels",
+        ):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         for name in ("reference_blur", "reference_color", "reference_shift"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if self.validation_steps < -1:
-            raise ValueError(f"validation_steps must be -1 (never), 0 (at the end) or a step count, "
-                             f"got {self.validation_steps}")
+            raise ValueError(
+                f"validation_steps must be -1 (never), 0 (at the end) or a step count, got {self.validation_steps}"
+            )
         if self.report_to not in ("auto", "tensorboard", "wandb", "none"):
             raise ValueError(f"report_to must be auto, tensorboard, wandb or none, not {self.report_to!r}")
         if self.dca and self.stage != "stage2":

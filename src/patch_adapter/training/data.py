@@ -113,8 +113,16 @@ def _records_from_metadata(meta: Path, report: ScanReport) -> list:
         caption = row.get("text", row.get("caption"))
         masks = row.get("mask_file_name") or []
         masks = [str(folder / m) for m in ([masks] if isinstance(masks, str) else masks)]
-        records.append(Record(str(path), str(path), caption, width=int(row.get("width", 0) or 0),
-                              height=int(row.get("height", 0) or 0), masks=masks))
+        records.append(
+            Record(
+                str(path),
+                str(path),
+                caption,
+                width=int(row.get("width", 0) or 0),
+                height=int(row.get("height", 0) or 0),
+                masks=masks,
+            )
+        )
     return records
 
 
@@ -149,8 +157,17 @@ def _records_from_tar(shard: Path) -> list:
         if "image" not in sample:
             continue
         offset, size, name = sample["image"]
-        records.append(Record(str(shard), f"{shard}:{name}", sample.get("caption"), offset=offset, size=size,
-                              width=sample.get("width", 0), height=sample.get("height", 0)))
+        records.append(
+            Record(
+                str(shard),
+                f"{shard}:{name}",
+                sample.get("caption"),
+                offset=offset,
+                size=size,
+                width=sample.get("width", 0),
+                height=sample.get("height", 0),
+            )
+        )
     return records
 
 
@@ -228,8 +245,9 @@ def check_dataset(root, native: int = 1024, decode: bool = True) -> dict:
         "missing_captions": sum(r.caption is None for r in report.records),
         "empty_captions": sum(r.caption == "" for r in report.records),
         "with_object_masks": sum(bool(r.masks) for r in report.records),
-        "shorter_side": ({"min": int(sides.min()), "median": int(np.median(sides)), "max": int(sides.max())}
-                         if len(sides) else {}),
+        "shorter_side": (
+            {"min": int(sides.min()), "median": int(np.median(sides)), "max": int(sides.max())} if len(sides) else {}
+        ),
         "megapixels_median": round(float(np.median(pixels)) / 1e6, 3) if len(pixels) else 0.0,
         "stage1_usable": int((sides >= native // 2).sum()),
         "stage2_min_side": 2 * native,
@@ -253,8 +271,14 @@ def make_toy_dataset(root, count: int = 8, size=256, seed: int = 0, captions: st
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     width, height = (size, size) if isinstance(size, int) else size
-    colors = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40),
-              "white": (235, 235, 235), "purple": (130, 50, 160)}
+    colors = {
+        "red": (200, 40, 40),
+        "green": (40, 170, 60),
+        "blue": (40, 70, 200),
+        "yellow": (230, 200, 40),
+        "white": (235, 235, 235),
+        "purple": (130, 50, 160),
+    }
     names = list(colors)
     lines = []
     for i in range(count):
@@ -328,8 +352,16 @@ class BatchStream:
     batches only (the `overfit_batches` debugging mode).
     """
 
-    def __init__(self, groups: dict, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0,
-                 start: int = 0, repeat: int = 0):
+    def __init__(
+        self,
+        groups: dict,
+        batch_size: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+        start: int = 0,
+        repeat: int = 0,
+    ):
         self.groups = {b: list(v) for b, v in sorted(groups.items()) if v}
         if not self.groups:
             raise ValueError("no usable training images")
@@ -347,7 +379,9 @@ class BatchStream:
             order = rng.permutation(indices)
             count = -(-len(order) // self.batch_size)
             wrapped = np.resize(order, count * self.batch_size)  # repeats from the start to fill the last batch
-            batches += [(bucket, wrapped[i * self.batch_size:(i + 1) * self.batch_size].tolist()) for i in range(count)]
+            batches += [
+                (bucket, wrapped[i * self.batch_size : (i + 1) * self.batch_size].tolist()) for i in range(count)
+            ]
         batches = [batches[i] for i in rng.permutation(len(batches))]
         while len(batches) < self.num_processes:
             batches += batches
@@ -493,9 +527,13 @@ class TrainingData(torch.utils.data.Dataset):
         image = image.resize(size, PIL.Image.Resampling.LANCZOS)
         top = int(rng.integers(0, size[1] - bh + 1))
         left = int(rng.integers(0, size[0] - bw + 1))
-        pixels = np.asarray(image)[top:top + bh, left:left + bw]
-        objects = [np.asarray(PIL.Image.fromarray(m).resize(size, PIL.Image.Resampling.NEAREST))[
-                       top:top + bh, left:left + bw] for m in objects]
+        pixels = np.asarray(image)[top : top + bh, left : left + bw]
+        objects = [
+            np.asarray(PIL.Image.fromarray(m).resize(size, PIL.Image.Resampling.NEAREST))[
+                top : top + bh, left : left + bw
+            ]
+            for m in objects
+        ]
         pixels, mask, _ = self._masks_and_flip(pixels, objects, rng)
         return {"pixels": _to_model(pixels), "mask": torch.from_numpy(mask.astype(np.float32)[None].copy())}
 
@@ -506,14 +544,17 @@ class TrainingData(torch.utils.data.Dataset):
         height, width = full.shape[:2]
         top = int(rng.integers(0, height - n + 1))
         left = int(rng.integers(0, width - n + 1))
-        crop = full[top:top + n, left:left + n]
-        objects = [m[top:top + n, left:left + n] for m in objects]
+        crop = full[top : top + n, left : left + n]
+        objects = [m[top : top + n, left : left + n] for m in objects]
         reference = synthesize_reference(full, (top, left, top + n, left + n), n, rng, self.config)
         crop, mask, reference = self._masks_and_flip(crop, objects, rng, reference)
         original = to_float(crop)
         reference = np.where(mask[..., None], reference, original)  # the original outside the mask, as at inference
-        return {"pixels": _to_model(original), "mask": torch.from_numpy(mask.astype(np.float32)[None].copy()),
-                "reference": _to_model(reference)}
+        return {
+            "pixels": _to_model(original),
+            "mask": torch.from_numpy(mask.astype(np.float32)[None].copy()),
+            "reference": _to_model(reference),
+        }
 
 
 def collate(samples: list) -> dict:

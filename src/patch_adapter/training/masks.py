@@ -50,7 +50,7 @@ def random_boxes(rng: np.random.Generator, height: int, width: int, largest: flo
         w = max(1, int(width * rng.uniform(0.1, largest)))
         top = int(rng.integers(0, height - h + 1))
         left = int(rng.integers(0, width - w + 1))
-        mask[top:top + h, left:left + w] = True
+        mask[top : top + h, left : left + w] = True
     return mask
 
 
@@ -88,7 +88,7 @@ def _large_rectangle(rng: np.random.Generator, height: int, width: int) -> np.nd
     top = int(rng.integers(0, height - h + 1))
     left = int(rng.integers(0, width - w + 1))
     mask = np.zeros((height, width), dtype=bool)
-    mask[top:top + h, left:left + w] = True
+    mask[top : top + h, left : left + w] = True
     return mask
 
 
@@ -122,11 +122,12 @@ def blob(rng: np.random.Generator, height: int, width: int, scale: float = 0.5) 
     n = 24
     harmonics = rng.normal(0, 0.15, size=(3, 2))  # low-frequency wobble of the outline
     angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    radius = 1 + sum(a * np.cos((k + 2) * angles) + b * np.sin((k + 2) * angles)
-                     for k, (a, b) in enumerate(harmonics))
+    radius = 1 + sum(a * np.cos((k + 2) * angles) + b * np.sin((k + 2) * angles) for k, (a, b) in enumerate(harmonics))
     radius = np.clip(radius, 0.4, 1.6) * scale * side * rng.uniform(0.4, 1.0)
-    points = [(float(cx + r * np.cos(t) * rng.uniform(0.8, 1.25)), float(cy + r * np.sin(t)))
-              for r, t in zip(radius, angles, strict=True)]
+    points = [
+        (float(cx + r * np.cos(t) * rng.uniform(0.8, 1.25)), float(cy + r * np.sin(t)))
+        for r, t in zip(radius, angles, strict=True)
+    ]
     canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).polygon(points, fill=255)
     return np.asarray(canvas) > 0
@@ -138,8 +139,12 @@ def object_mask(rng: np.random.Generator, height: int, width: int, objects: list
         chosen = objects[int(rng.integers(0, len(objects)))]
         mask = np.asarray(chosen, dtype=bool)
         if mask.shape != (height, width):
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
-                                                                                  Image.Resampling.NEAREST)) > 0
+            mask = (
+                np.asarray(
+                    Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+                )
+                > 0
+            )
         radius = int(rng.integers(0, max(1, min(height, width) // 32) + 1))
         mask = dilate_mask(mask, radius)
         if mask.any():
@@ -150,8 +155,9 @@ def object_mask(rng: np.random.Generator, height: int, width: int, objects: list
 GENERATORS = {"brush": brush_strokes, "box": boxes, "large": large_area, "border": border}
 
 
-def random_mask(rng: np.random.Generator, height: int, width: int, mix: dict | None = None,
-                objects: list | None = None) -> tuple[np.ndarray, str]:
+def random_mask(
+    rng: np.random.Generator, height: int, width: int, mix: dict | None = None, objects: list | None = None
+) -> tuple[np.ndarray, str]:
     """A mask of a kind drawn from `mix` ({kind: weight}); returns (mask, kind).
 
     Never empty and never the whole image (a fill needs some context to train on):

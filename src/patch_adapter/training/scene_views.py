@@ -51,9 +51,9 @@ class View:
     """One training example: target picture, mask (True = fill) and prompt."""
 
     pixels: np.ndarray  # (n, n, 3) uint8: what the fill should look like
-    mask: np.ndarray    # (n, n) bool
+    mask: np.ndarray  # (n, n) bool
     prompt: str
-    lesson: str         # a LESSONS name
+    lesson: str  # a LESSONS name
 
 
 def view_window(rng: np.random.Generator, scene: Scene, native: int) -> tuple[int, int, int]:
@@ -81,8 +81,13 @@ def view_window(rng: np.random.Generator, scene: Scene, native: int) -> tuple[in
 
 def object_in_window(obj: SceneObject, render: int, top: int, left: int, native: int) -> SceneObject:
     """The object in the coordinates of a native-size window of a render-size square render."""
-    return SceneObject(obj.shape, obj.colour, x=(obj.x * render - left) / native,
-                       y=(obj.y * render - top) / native, size=obj.size * render / native)
+    return SceneObject(
+        obj.shape,
+        obj.colour,
+        x=(obj.x * render - left) / native,
+        y=(obj.y * render - top) / native,
+        size=obj.size * render / native,
+    )
 
 
 def visible(obj: SceneObject) -> bool:
@@ -98,7 +103,7 @@ def scene_view(seed: int, native: int = 128) -> View:
     render, top, left = view_window(rng, scene, native)
 
     def window(s: Scene) -> np.ndarray:
-        return render_scene(s, render, render)[top:top + native, left:left + native]
+        return render_scene(s, render, render)[top : top + native, left : left + native]
 
     local = [object_in_window(o, render, top, left, native) for o in scene.objects]
     shown = [i for i, o in enumerate(local) if visible(o)]
@@ -135,7 +140,7 @@ def export_scene_folder(folder: Path, count: int, sizes: tuple[int, ...], seed: 
         for k, obj in enumerate(scene.objects):
             distance, (y0, x0) = object_signed_distance(obj, size, size, margin=2.0)
             mask = np.zeros((size, size), dtype=np.uint8)
-            mask[y0:y0 + distance.shape[0], x0:x0 + distance.shape[1]] = (distance < 2.0) * 255
+            mask[y0 : y0 + distance.shape[0], x0 : x0 + distance.shape[1]] = (distance < 2.0) * 255
             mask_name = f"masks/scene_{i:05d}_{k}.png"
             Image.fromarray(mask).save(folder / mask_name)
             masks.append(mask_name)

@@ -63,12 +63,14 @@ class TinyRecipe:
     # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
     adapter_scenes: int = 300
     adapter_sizes: tuple = (512, 1024)  # 4x and 8x native
-    stage1: dict = dataclasses.field(default_factory=lambda: {"max_steps": 600, "batch_size": 8,
-                                                              "learning_rate": 1e-3, "lr_warmup_steps": 50})
+    stage1: dict = dataclasses.field(
+        default_factory=lambda: {"max_steps": 600, "batch_size": 8, "learning_rate": 1e-3, "lr_warmup_steps": 50}
+    )
     # the joint-attention RPA starts from reference-only attention, and 300 steps train it on 2 cores in
     # under an hour (the gated-sum RPA before it had 600)
-    stage2: dict = dataclasses.field(default_factory=lambda: {"max_steps": 300, "batch_size": 8,
-                                                              "learning_rate": 1e-3, "lr_warmup_steps": 30})
+    stage2: dict = dataclasses.field(
+        default_factory=lambda: {"max_steps": 300, "batch_size": 8, "learning_rate": 1e-3, "lr_warmup_steps": 30}
+    )
 
 
 def log(message: str) -> None:
@@ -125,7 +127,7 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
             group["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 100)
         index = rng.integers(0, len(views["pixels"]), recipe.vae_batch)
         top, left = rng.integers(0, views["pixels"].shape[1] - recipe.vae_crop + 1, 2)
-        x = to_model_range(views["pixels"][index, top:top + recipe.vae_crop, left:left + recipe.vae_crop])
+        x = to_model_range(views["pixels"][index, top : top + recipe.vae_crop, left : left + recipe.vae_crop])
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         l1 = F.l1_loss(reconstruction, x)
@@ -140,14 +142,19 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
             recent = np.mean(history[-100:], axis=0)
             log(f"vae step {step}: l1 {recent[0]:.4f} laplacian l1 {recent[1]:.4f}")
     vae.eval()
-    return {"l1_first100": float(np.mean([h[0] for h in history[:100]])),
-            "l1_last100": float(np.mean([h[0] for h in history[-100:]]))}
+    return {
+        "l1_first100": float(np.mean([h[0] for h in history[:100]])),
+        "l1_last100": float(np.mean([h[0] for h in history[-100:]])),
+    }
 
 
 @torch.no_grad()
 def fit_latent_scale(vae, views: dict, count: int = 256) -> float:
     """SD's recipe: scaling_factor = 1 / std of the latents, so the UNet sees unit variance."""
-    latents = [vae.encode(to_model_range(views["pixels"][i:i + 32])).latent_dist.mean for i in range(0, min(count, len(views["pixels"])), 32)]
+    latents = [
+        vae.encode(to_model_range(views["pixels"][i : i + 32])).latent_dist.mean
+        for i in range(0, min(count, len(views["pixels"])), 32)
+    ]
     return float(1.0 / torch.cat(latents).std())
 
 
@@ -156,8 +163,8 @@ def encode_views(pipe, views: dict, batch: int = 64) -> tuple[torch.Tensor, torc
     """Latents of each target view, and of it with the mask area grey (the UNet's 9-channel input)."""
     targets, masked = [], []
     for i in range(0, len(views["pixels"]), batch):
-        x = to_model_range(views["pixels"][i:i + batch])
-        keep = torch.from_numpy(~views["mask"][i:i + batch])[:, None].float()
+        x = to_model_range(views["pixels"][i : i + batch])
+        keep = torch.from_numpy(~views["mask"][i : i + batch])[:, None].float()
         targets.append(pipe.encode(x))
         masked.append(pipe.encode(x * keep))
     return torch.cat(targets), torch.cat(masked)
@@ -195,8 +202,19 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe) -> dict:
         captions = ["" if rng.random() < recipe.caption_dropout else prompts[i] for i in index.tolist()]
         embeds, pooled = encode_captions(pipe, captions)
         time_ids = micro_time_ids(pipe, len(index), x0.shape[-2] * factor, x0.shape[-1] * factor, embeds, pooled)
-        loss = denoising_loss(pipe.unet, noise_scheduler, x0, mask, masked, embeds, pooled, time_ids,
-                              {"dca_scale": 0.0}, generator, x0.dtype)
+        loss = denoising_loss(
+            pipe.unet,
+            noise_scheduler,
+            x0,
+            mask,
+            masked,
+            embeds,
+            pooled,
+            time_ids,
+            {"dca_scale": 0.0},
+            generator,
+            x0.dtype,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -267,8 +285,14 @@ def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
     data = work / "scenes"
     if not (data / "metadata.jsonl").is_file():
         export_scene_folder(data, recipe.adapter_scenes, recipe.adapter_sizes, seed=recipe.seed + 7)
-    common = dict(model=str(backbone), data=str(data), seed=recipe.seed, dataloader_num_workers=0,
-                  report_to="none", checkpointing_steps=10_000)
+    common = dict(
+        model=str(backbone),
+        data=str(data),
+        seed=recipe.seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        checkpointing_steps=10_000,
+    )
     files = {"stage1": work / "stage1" / "dca.safetensors", "stage2": work / "stage2" / "rpa.safetensors"}
     for stage, weights in files.items():
         if not weights.is_file():
@@ -348,10 +372,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(TinyRecipe):
         if field.type in ("int", "float", "str"):
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float}.get(
-                field.type, str), default=getattr(TinyRecipe(), field.name))
-    parser.add_argument("--retrain", default=None, choices=["rpa", "dca", "adapters"],
-                        help="train only these adapters again on the backbone already in --output")
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type={"int": int, "float": float}.get(field.type, str),
+                default=getattr(TinyRecipe(), field.name),
+            )
+    parser.add_argument(
+        "--retrain",
+        default=None,
+        choices=["rpa", "dca", "adapters"],
+        help="train only these adapters again on the backbone already in --output",
+    )
     args = parser.parse_args(argv)
     retrain = args.__dict__.pop("retrain")
     recipe = TinyRecipe(**vars(args))

@@ -154,8 +154,9 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     An empty caption (dropped for classifier-free guidance) becomes zeros, which is
     what the pipeline uses for its unconditional half (force_zeros_for_empty_prompt).
     """
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(captions), device=pipe._execution_device,
-                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=list(captions), device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
     empty = torch.tensor([c == "" for c in captions], device=embeds.device)
     embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
     pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
@@ -180,8 +181,9 @@ def micro_time_ids(pipe, batch_size: int, height: int, width: int, embeds, poole
     return pipe.time_ids(height, width, Conditioning(embeds[:1], pooled[:1], 1.0)).expand(batch_size, -1)
 
 
-def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, generator: torch.Generator,
-                  autocast=nullcontext) -> torch.Tensor:
+def training_loss(
+    pipe, unet, noise_scheduler, batch, config: TrainConfig, generator: torch.Generator, autocast=nullcontext
+) -> torch.Tensor:
     """The noise-prediction loss of one micro-batch; `unet` is the (possibly wrapped) trained UNet."""
     device = pipe._execution_device
     dtype = pipe.unet.dtype
@@ -200,33 +202,65 @@ def training_loss(pipe, unet, noise_scheduler, batch, config: TrainConfig, gener
     if config.stage == "stage2":
         with torch.no_grad(), autocast():
             reference_latents = pipe.encode(batch["reference"].to(device))
-            bank = ReferenceBank.recorded(pipe.unet, reference_latents, config.reference_timestep, embeds,
-                                          {"text_embeds": pooled, "time_ids": time_ids})
-        attention_kwargs = {"dca_mask": mask_latents, "dca_scale": config.dca_scale, "rpa_bank": bank,
-                            "rpa_scale": 1.0}
-    return denoising_loss(unet, noise_scheduler, latents, mask_latents, masked_latents, embeds, pooled, time_ids,
-                          attention_kwargs, generator, dtype)
+            bank = ReferenceBank.recorded(
+                pipe.unet,
+                reference_latents,
+                config.reference_timestep,
+                embeds,
+                {"text_embeds": pooled, "time_ids": time_ids},
+            )
+        attention_kwargs = {"dca_mask": mask_latents, "dca_scale": config.dca_scale, "rpa_bank": bank, "rpa_scale": 1.0}
+    return denoising_loss(
+        unet,
+        noise_scheduler,
+        latents,
+        mask_latents,
+        masked_latents,
+        embeds,
+        pooled,
+        time_ids,
+        attention_kwargs,
+        generator,
+        dtype,
+    )
 
 
-def denoising_loss(unet, noise_scheduler, latents, mask_latents, masked_latents, embeds, pooled, time_ids,
-                   attention_kwargs: dict, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+def denoising_loss(
+    unet,
+    noise_scheduler,
+    latents,
+    mask_latents,
+    masked_latents,
+    embeds,
+    pooled,
+    time_ids,
+    attention_kwargs: dict,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The backbone's loss on clean latents: noise them at random timesteps, predict, MSE to the target.
 
     Shared by the adapter trainer and the tiny backbone's recipe, which trains the UNet itself.
     """
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator).to(device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:  # epsilon, as SDXL-inpainting
         target = noise
     model_input = torch.cat([noisy, mask_latents, masked_latents], dim=1).to(dtype)  # (B, 9, h, w)
-    prediction = unet(model_input, timesteps, encoder_hidden_states=embeds,
-                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                      cross_attention_kwargs=attention_kwargs, return_dict=False)[0]
+    prediction = unet(
+        model_input,
+        timesteps,
+        encoder_hidden_states=embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        cross_attention_kwargs=attention_kwargs,
+        return_dict=False,
+    )[0]
     return F.mse_loss(prediction.float(), target.float())
 
 
@@ -237,8 +271,14 @@ def find_checkpoint(output: Path, resume: str) -> Path | None:
         if not (path / CHECKPOINT_WEIGHTS).is_file():
             raise FileNotFoundError(f"{path} is not a training checkpoint (no {CHECKPOINT_WEIGHTS})")
         return path
-    found = sorted((p for p in output.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                    and (p / CHECKPOINT_WEIGHTS).is_file()), key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted(
+        (
+            p
+            for p in output.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_WEIGHTS).is_file()
+        ),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     return found[-1] if found else None
 
 
@@ -246,8 +286,10 @@ def prune_checkpoints(output: Path, keep: int) -> None:
     """Delete the oldest checkpoint-N folders so that `keep` - 1 remain (room for the next)."""
     if keep <= 0:
         return
-    found = sorted((p for p in output.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted(
+        (p for p in output.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     for old in found[: max(0, len(found) - keep + 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -287,9 +329,13 @@ def validate(pipe, config: TrainConfig, inputs, step: int, output: Path) -> np.n
     was_training = pipe.unet.training
     pipe.unet.eval()
     try:
-        result = pipe(prompt=prompt, image=image, mask_image=mask,
-                      num_inference_steps=config.validation_inference_steps,
-                      generator=torch.Generator().manual_seed(config.seed)).images[0]
+        result = pipe(
+            prompt=prompt,
+            image=image,
+            mask_image=mask,
+            num_inference_steps=config.validation_inference_steps,
+            generator=torch.Generator().manual_seed(config.seed),
+        ).images[0]
     finally:
         pipe.unet.train(was_training)
     shown = image.copy()
@@ -333,8 +379,10 @@ def train(config: TrainConfig) -> TrainResult:
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:  # each process would train alone and overwrite the others' files
-        raise ValueError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
-                         "on CPUs, set ACCELERATE_USE_CPU=true (see docs/training.md)")
+        raise ValueError(
+            f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: "
+            "on CPUs, set ACCELERATE_USE_CPU=true (see docs/training.md)"
+        )
     set_seed(config.seed)  # only model construction could use it; every training draw is seeded explicitly
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -365,18 +413,28 @@ def train(config: TrainConfig) -> TrainResult:
     min_side = (config.stage2_min_side or 2 * native) if config.stage == "stage2" else 0
     report = scan_dataset(config.data, min_side=min_side)
     if not report.records:
-        raise ValueError(f"no usable images in {config.data}: {len(report.unreadable)} unreadable, "
-                         f"{len(report.too_small)} too small (stage 2 needs a shorter side of at least {min_side} px)")
+        raise ValueError(
+            f"no usable images in {config.data}: {len(report.unreadable)} unreadable, "
+            f"{len(report.too_small)} too small (stage 2 needs a shorter side of at least {min_side} px)"
+        )
     groups, _ = group_by_bucket(report.records, config, native)
     dataset = TrainingData(report.records, config, native)
 
     # 4. Optimizer (adapter parameters only), schedule, EMA
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
     # accelerate steps a prepared schedule once per process: count in those units, as diffusers' scripts do
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=config.max_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay > 0 else None
     state = TrainState()
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
@@ -416,18 +474,36 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         truncate_log(log_path, state.step) if config.resume else log_path.unlink(missing_ok=True)
     if accelerator.log_with:
-        accelerator.init_trackers("patch-adapter", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                           for k, v in config.to_dict().items()})
-    stream = BatchStream(groups, config.batch_size, config.seed, accelerator.num_processes,
-                         accelerator.process_index, start=state.data_position, repeat=config.overfit_batches)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=stream, collate_fn=collate,
-                                         num_workers=config.dataloader_num_workers,
-                                         persistent_workers=config.dataloader_num_workers > 0)
+        accelerator.init_trackers(
+            "patch-adapter",
+            config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()},
+        )
+    stream = BatchStream(
+        groups,
+        config.batch_size,
+        config.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+        start=state.data_position,
+        repeat=config.overfit_batches,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=stream,
+        collate_fn=collate,
+        num_workers=config.dataloader_num_workers,
+        persistent_workers=config.dataloader_num_workers > 0,
+    )
     validation = validation_inputs(dataset, config, native) if accelerator.is_main_process else None
 
     # 6. The loop
-    progress = tqdm(total=config.max_steps, initial=state.step, desc=f"train {config.stage}", unit="step",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=config.max_steps,
+        initial=state.step,
+        desc=f"train {config.stage}",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
     losses, step_losses = [], []
     tick, tick_step = time.perf_counter(), state.step
     unet.train()
@@ -463,8 +539,12 @@ def train(config: TrainConfig) -> TrainResult:
             now = time.perf_counter()
             rate = (state.step - tick_step) / max(now - tick, 1e-9)
             tick, tick_step = now, state.step
-            record = {"step": state.step, "loss": step_loss, "lr": lr_scheduler.get_last_lr()[0],
-                      "steps_per_s": round(rate, 4)}
+            record = {
+                "step": state.step,
+                "loss": step_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "steps_per_s": round(rate, 4),
+            }
             if accelerator.is_main_process:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -478,9 +558,14 @@ def train(config: TrainConfig) -> TrainResult:
             accelerator.wait_for_everyone()
             accelerator.save_state(str(output / f"checkpoint-{state.step}"))
 
-        if accelerator.is_main_process and config.validation_steps >= 0 and (
+        if (
+            accelerator.is_main_process
+            and config.validation_steps >= 0
+            and (
                 (config.validation_steps and state.step % config.validation_steps == 0)
-                or state.step == config.max_steps):
+                or state.step == config.max_steps
+            )
+        ):
             with ema_weights(ema, params), accelerator.autocast():
                 panel = validate(pipe, config, validation, state.step, output)
             for tracker in accelerator.trackers:
@@ -497,15 +582,24 @@ def train(config: TrainConfig) -> TrainResult:
             save_adapter(weights, pipe.unet, kinds=(kind,), backbone_name=config.model)
             if config.stage == "stage2" and config.dca:
                 save_adapter(output / COMBINED_NAME, pipe.unet, kinds=("dca", "rpa"), backbone_name=config.model)
-        summary = {"stage": config.stage, "steps": state.step, "weights": str(weights),
-                   "final_loss": losses[-1] if losses else None, "images": len(report.records),
-                   "skipped_unreadable": len(skipped), "skipped_files": skipped,
-                   "too_small_for_stage2": len(report.too_small), "missing_captions": report.missing_captions}
+        summary = {
+            "stage": config.stage,
+            "steps": state.step,
+            "weights": str(weights),
+            "final_loss": losses[-1] if losses else None,
+            "images": len(report.records),
+            "skipped_unreadable": len(skipped),
+            "skipped_files": skipped,
+            "too_small_for_stage2": len(report.too_small),
+            "missing_captions": report.missing_captions,
+        }
         with atomic_write(output / "train_summary.json") as f:
             f.write(json.dumps(summary, indent=2).encode())
         if skipped:
-            accelerator.print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
-                              + (" ..." if len(skipped) > 5 else ""))
+            accelerator.print(
+                f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
+                + (" ..." if len(skipped) > 5 else "")
+            )
         if report.too_small:
             accelerator.print(f"left out {len(report.too_small)} image(s) smaller than {min_side} px (stage 2)")
         accelerator.print(f"wrote {weights}")
@@ -515,5 +609,12 @@ def train(config: TrainConfig) -> TrainResult:
     del unet, optimizer, lr_scheduler
     accelerator.free_memory()
     accelerator.end_training()
-    return TrainResult(output=output, weights=weights, steps=state.step, losses=losses, skipped=skipped,
-                       too_small=list(report.too_small), pipeline=pipe)
+    return TrainResult(
+        output=output,
+        weights=weights,
+        steps=state.step,
+        losses=losses,
+        skipped=skipped,
+        too_small=list(report.too_small),
+        pipeline=pipe,
+    )

@@ -15,18 +15,26 @@ def add_serve_parser(subparsers) -> None:
     from ..cli import add_model_options
 
     p = subparsers.add_parser(
-        "serve", help="start the local web app (paint a mask, plan, inpaint, compare, download)",
+        "serve",
+        help="start the local web app (paint a mask, plan, inpaint, compare, download)",
         description="Serve a page on http://HOST:PORT to open a picture, paint a mask, see the patch plan, "
-                    "run Patch-Adapter or a baseline with live progress, compare and download the full-resolution "
-                    "result. Uploads and results live in a temporary folder removed at exit.",
+        "run Patch-Adapter or a baseline with live progress, compare and download the full-resolution "
+        "result. Uploads and results live in a temporary folder removed at exit.",
     )
     add_model_options(p, with_scheduler=False)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; another value exposes the app "
-                        "to the network, without authentication)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; another value exposes the app "
+        "to the network, without authentication)",
+    )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_UPLOAD_MB,
-                   help=f"largest upload accepted, in MB (default {DEFAULT_UPLOAD_MB})")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_UPLOAD_MB,
+        help=f"largest upload accepted, in MB (default {DEFAULT_UPLOAD_MB})",
+    )
     p.set_defaults(func=run_serve)
 
 

@@ -24,9 +24,20 @@ from ..validation import SettingsError
 
 # the inpaint flags the page offers: main settings first, then the advanced panel
 MAIN_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "method")
-ADVANCED_SETTINGS = ("scheduler", "refine_steps", "strength", "refine_strength", "dca_scale", "rpa_scale",
-                     "tile_size", "tile_overlap", "mask_dilation", "mask_feather", "crop_margin",
-                     "patch_batch_size")
+ADVANCED_SETTINGS = (
+    "scheduler",
+    "refine_steps",
+    "strength",
+    "refine_strength",
+    "dca_scale",
+    "rpa_scale",
+    "tile_size",
+    "tile_overlap",
+    "mask_dilation",
+    "mask_feather",
+    "crop_margin",
+    "patch_batch_size",
+)
 SETTINGS = MAIN_SETTINGS + ADVANCED_SETTINGS
 
 
@@ -50,8 +61,16 @@ def settings_schema() -> list[dict]:
     for name in SETTINGS:
         action = actions[name]
         kind = {int: "int", float: "float"}.get(action.type, "str")
-        schema.append({"name": name, "default": action.default, "type": kind, "choices": action.choices,
-                       "help": action.help, "advanced": name in ADVANCED_SETTINGS})
+        schema.append(
+            {
+                "name": name,
+                "default": action.default,
+                "type": kind,
+                "choices": action.choices,
+                "help": action.help,
+                "advanced": name in ADVANCED_SETTINGS,
+            }
+        )
     return schema
 
 
@@ -84,13 +103,22 @@ def plan_for(settings: argparse.Namespace, size: tuple[int, int], mask: np.ndarr
 def plan_json(plan: InpaintPlan) -> dict:
     """The plan in pixels, for drawing over the picture."""
     px = 8
-    groups = [[{"top": t.top * px, "left": t.left * px, "width": t.width * px, "height": t.height * px}
-               for t in group] for group in plan.groups]
+    groups = [
+        [{"top": t.top * px, "left": t.left * px, "width": t.width * px, "height": t.height * px} for t in group]
+        for group in plan.groups
+    ]
     return {
-        "method": plan.method, "empty_mask": plan.empty_mask, "stage1_size": plan.stage1_size,
-        "stage1_box": plan.stage1_box, "stage1_steps": plan.stage1_steps, "stage2_steps": plan.stage2_steps,
-        "groups": groups, "patches": len(plan.tiles), "reference_passes": plan.reference_passes,
-        "unet_forwards": plan.unet_forwards, "unet_evaluations": plan.unet_evaluations,
+        "method": plan.method,
+        "empty_mask": plan.empty_mask,
+        "stage1_size": plan.stage1_size,
+        "stage1_box": plan.stage1_box,
+        "stage1_steps": plan.stage1_steps,
+        "stage2_steps": plan.stage2_steps,
+        "groups": groups,
+        "patches": len(plan.tiles),
+        "reference_passes": plan.reference_passes,
+        "unet_forwards": plan.unet_forwards,
+        "unet_evaluations": plan.unet_evaluations,
         "describe": plan.describe(),
     }
 
@@ -133,10 +161,18 @@ class Job:
 
     def to_json(self) -> dict:
         return {
-            "id": self.id, "image_id": self.image_id, "state": self.state, "stage": self.stage,
-            "group": self.group, "groups": len(self.plan.groups), "step": self.step,
-            "progress": min(1.0, self.done_units / max(1, self.total_units)), "eta_s": self.eta(),
-            "error": self.error, "result_id": self.result_id, "settings": settings_dict(self.settings),
+            "id": self.id,
+            "image_id": self.image_id,
+            "state": self.state,
+            "stage": self.stage,
+            "group": self.group,
+            "groups": len(self.plan.groups),
+            "step": self.step,
+            "progress": min(1.0, self.done_units / max(1, self.total_units)),
+            "eta_s": self.eta(),
+            "error": self.error,
+            "result_id": self.result_id,
+            "settings": settings_dict(self.settings),
         }
 
 
@@ -159,14 +195,14 @@ def progress_class(job: Job):
             super().__init__(iterable, *args, desc=desc, **kwargs)
             self._desc = desc
             if desc.startswith("stage 1"):
-                job.stage = f"whole image, {desc[len('stage 1 '):].strip('()')}"
+                job.stage = f"whole image, {desc[len('stage 1 ') :].strip('()')}"
             elif desc.startswith("reference"):
                 job.group += 1
                 job.stage = "reference patches"
             elif desc.startswith("stage 2"):
                 if not job.plan.reference_passes:
                     job.group += 1
-                job.stage = f"patches ({desc[len('stage 2 '):].strip('()')})"
+                job.stage = f"patches ({desc[len('stage 2 ') :].strip('()')})"
             job.step = ""
             self._check()
 
@@ -208,8 +244,14 @@ class JobQueue:
         self._thread.start()
 
     def submit(self, image_id, settings, plan, mask) -> Job:
-        job = Job(id=secrets.token_hex(8), image_id=image_id, settings=settings, plan=plan, mask=mask,
-                  total_units=max(1, work_units(plan)))
+        job = Job(
+            id=secrets.token_hex(8),
+            image_id=image_id,
+            settings=settings,
+            plan=plan,
+            mask=mask,
+            total_units=max(1, work_units(plan)),
+        )
         with self._lock:
             self.jobs[job.id] = job
         self._queue.put(job)

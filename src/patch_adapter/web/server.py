@@ -100,8 +100,16 @@ class ImageEntry:
 
     def to_json(self) -> dict:
         grid_h, grid_w = self.grid
-        return {"id": self.id, "name": self.name, "width": self.width, "height": self.height,
-                "bit_depth": self.bit_depth, "cell": self.cell, "mask_width": grid_w, "mask_height": grid_h}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "width": self.width,
+            "height": self.height,
+            "bit_depth": self.bit_depth,
+            "cell": self.cell,
+            "mask_width": grid_w,
+            "mask_height": grid_h,
+        }
 
 
 @dataclass
@@ -117,9 +125,17 @@ class ResultEntry:
     created: float = field(default_factory=time.time)
 
     def to_json(self) -> dict:
-        return {"id": self.id, "image_id": self.image_id, "name": self.name, "settings": self.settings,
-                "bbox": self.bbox, "unet_forwards": self.unet_forwards, "seconds": round(self.seconds, 2),
-                "created": self.created, "url": f"/api/results/{self.id}.png"}
+        return {
+            "id": self.id,
+            "image_id": self.image_id,
+            "name": self.name,
+            "settings": self.settings,
+            "bbox": self.bbox,
+            "unet_forwards": self.unet_forwards,
+            "seconds": round(self.seconds, 2),
+            "created": self.created,
+            "url": f"/api/results/{self.id}.png",
+        }
 
 
 def cell_for(width: int, height: int) -> int:
@@ -146,8 +162,15 @@ def safe_stem(name: str) -> str:
 class WebState:
     """Everything the app holds: pictures, masks, the job queue, results, the pipeline."""
 
-    def __init__(self, workdir: Path, model: str = "tiny", pipe=None, pipe_factory=None,
-                 max_upload_bytes: int = int(DEFAULT_UPLOAD_MB * 1e6), adapter=None):
+    def __init__(
+        self,
+        workdir: Path,
+        model: str = "tiny",
+        pipe=None,
+        pipe_factory=None,
+        max_upload_bytes: int = int(DEFAULT_UPLOAD_MB * 1e6),
+        adapter=None,
+    ):
         self.workdir = Path(workdir)
         for sub in ("uploads", "results", "masks"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -211,8 +234,15 @@ class WebState:
         width, height = loaded.size
         if max(width, height) > MAX_SIDE:
             raise ImageInputError(f"{name} is {width}x{height}; the web app opens pictures up to {MAX_SIDE} px a side")
-        entry = ImageEntry(id=path.name, path=path, name=name, width=width, height=height,
-                           bit_depth=loaded.bit_depth, cell=cell_for(width, height))
+        entry = ImageEntry(
+            id=path.name,
+            path=path,
+            name=name,
+            width=width,
+            height=height,
+            bit_depth=loaded.bit_depth,
+            cell=cell_for(width, height),
+        )
         entry.mask = np.zeros((height, width), dtype=bool)
         with self._loaded_lock:
             self._loaded = (entry.id, loaded)
@@ -232,8 +262,9 @@ class WebState:
         """Load a mask file (white = fill); True when it had to be grown to the page's grid."""
         mask = load_mask(path, self.loaded(entry))
         if not mask.any():
-            raise ImageInputError("this mask is empty (all black): nothing would be inpainted; "
-                                  "white marks the area to fill")
+            raise ImageInputError(
+                "this mask is empty (all black): nothing would be inpainted; white marks the area to fill"
+            )
         grown = expand_grid(reduce_to_grid(mask, entry.cell), entry.cell, entry.height, entry.width)
         entry.mask = grown
         entry.mask_version += 1
@@ -246,8 +277,10 @@ class WebState:
 
     def submit(self, entry: ImageEntry, settings_data: dict, mask_version: int) -> Job:
         if mask_version != entry.mask_version:
-            raise ImageInputError(f"the server has mask version {entry.mask_version}, the page {mask_version}: "
-                                  "the page has not finished sending its mask; run again")
+            raise ImageInputError(
+                f"the server has mask version {entry.mask_version}, the page {mask_version}: "
+                "the page has not finished sending its mask; run again"
+            )
         settings = parse_settings(settings_data)
         check_settings(settings, self.native_size)
         plan = plan_for(settings, (entry.width, entry.height), entry.mask, self.native_size)
@@ -276,12 +309,22 @@ class WebState:
         result_id = secrets.token_hex(8)
         path = self.workdir / "results" / f"{result_id}.png"
         settings = settings_dict(s)
-        metadata = {**output_metadata(s, pipe, result), "model": self.model, "adapter": self.adapter,
-                    "source": entry.name}
+        metadata = {
+            **output_metadata(s, pipe, result),
+            "model": self.model,
+            "adapter": self.adapter,
+            "source": entry.name,
+        }
         save_image(path, result.arrays[0], metadata=metadata, icc_profile=loaded.icc_profile)
         self.results[result_id] = ResultEntry(
-            id=result_id, image_id=entry.id, path=path, name=f"{safe_stem(entry.name)}_inpainted_{len(self.results) + 1}.png",
-            settings=settings, bbox=mask_bbox(job.mask), unet_forwards=result.plan.unet_forwards, seconds=seconds,
+            id=result_id,
+            image_id=entry.id,
+            path=path,
+            name=f"{safe_stem(entry.name)}_inpainted_{len(self.results) + 1}.png",
+            settings=settings,
+            bbox=mask_bbox(job.mask),
+            unet_forwards=result.plan.unet_forwards,
+            seconds=seconds,
         )
         return result_id
 
@@ -360,15 +403,19 @@ async def receive_upload(request: Request, path: Path, cap: int) -> int:
     """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > cap:
-        raise UploadTooLarge(f"the upload is {int(declared) / 1e6:.1f} MB, more than the limit of {cap / 1e6:.0f} MB "
-                             "(start the server with --max-upload-mb to change it)")
+        raise UploadTooLarge(
+            f"the upload is {int(declared) / 1e6:.1f} MB, more than the limit of {cap / 1e6:.0f} MB "
+            "(start the server with --max-upload-mb to change it)"
+        )
     size = 0
     with atomic_write(path, durable=False) as f:
         async for chunk in request.stream():
             size += len(chunk)
             if size > cap:
-                raise UploadTooLarge(f"the upload passed the limit of {cap / 1e6:.0f} MB "
-                                     "(start the server with --max-upload-mb to change it)")
+                raise UploadTooLarge(
+                    f"the upload passed the limit of {cap / 1e6:.0f} MB "
+                    "(start the server with --max-upload-mb to change it)"
+                )
             f.write(chunk)
     if size == 0:
         path.unlink(missing_ok=True)
@@ -386,11 +433,18 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def config(request):
-        return JSONResponse({
-            "version": __version__, "model": state.model, "model_state": state.model_state,
-            "native_size": state.native_size, "settings": settings_schema(), "methods": list(METHODS),
-            "max_upload_bytes": state.max_upload_bytes, "max_side": MAX_SIDE,
-        })
+        return JSONResponse(
+            {
+                "version": __version__,
+                "model": state.model,
+                "model_state": state.model_state,
+                "native_size": state.native_size,
+                "settings": settings_schema(),
+                "methods": list(METHODS),
+                "max_upload_bytes": state.max_upload_bytes,
+                "max_side": MAX_SIDE,
+            }
+        )
 
     async def upload_image(request):
         name = unquote(request.headers.get("x-filename", "")) or "the picture"
@@ -423,15 +477,19 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
                 grown = await run_in_threadpool(state.set_mask_file, entry, path)
         finally:
             path.unlink(missing_ok=True)
-        note = (f"the mask was grown to the page's {entry.cell}x{entry.cell} px grid for a picture this large"
-                if grown else None)
+        note = (
+            f"the mask was grown to the page's {entry.cell}x{entry.cell} px grid for a picture this large"
+            if grown
+            else None
+        )
         return JSONResponse({"version": entry.mask_version, "pixels": int(entry.mask.sum()), "note": note})
 
     async def get_mask_bits(request):
         entry = state.image(request.path_params["image_id"])
         bits = await run_in_threadpool(state.mask_bits, entry)
-        return Response(bits, media_type="application/octet-stream",
-                         headers={"X-Mask-Version": str(entry.mask_version)})
+        return Response(
+            bits, media_type="application/octet-stream", headers={"X-Mask-Version": str(entry.mask_version)}
+        )
 
     async def get_mask_png(request):
         entry = state.image(request.path_params["image_id"])
@@ -456,8 +514,7 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         entry = state.image(body.get("image_id"))
         settings = parse_settings(body.get("settings", {}))
         check_settings(settings, state.native_size)
-        result = await run_in_threadpool(plan_for, settings, (entry.width, entry.height), entry.mask,
-                                         state.native_size)
+        result = await run_in_threadpool(plan_for, settings, (entry.width, entry.height), entry.mask, state.native_size)
         return JSONResponse({**plan_json(result), "mask_version": entry.mask_version})
 
     async def submit(request):
@@ -496,6 +553,7 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
     def error(status):
         async def handler(request, exc):
             return JSONResponse({"error": str(exc)}, status_code=status)
+
         return handler
 
     @asynccontextmanager
@@ -565,8 +623,14 @@ def serve(args) -> int:
 
         device = resolve_device(args.device)
         dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-        pipe = PatchAdapterPipeline.from_pretrained(args.model, adapter=args.adapter, device=str(device),
-                                                    dtype=dtype, config=args.config, cpu_offload=args.cpu_offload)
+        pipe = PatchAdapterPipeline.from_pretrained(
+            args.model,
+            adapter=args.adapter,
+            device=str(device),
+            dtype=dtype,
+            config=args.config,
+            cpu_offload=args.cpu_offload,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -577,17 +641,23 @@ def serve(args) -> int:
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     with tempfile.TemporaryDirectory(prefix="patch-adapter-web-") as workdir:
-        state = WebState(Path(workdir), model=args.model, pipe_factory=load, adapter=args.adapter,
-                         max_upload_bytes=int(args.max_upload_mb * 1e6))
+        state = WebState(
+            Path(workdir),
+            model=args.model,
+            pipe_factory=load,
+            adapter=args.adapter,
+            max_upload_bytes=int(args.max_upload_mb * 1e6),
+        )
         state.preload()
         app = create_app(state, host=args.host, port=args.port)
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"Patch-Adapter web app on http://{shown}:{args.port}/ (model {args.model}; Ctrl-C stops it)",
-              flush=True)
+        print(f"Patch-Adapter web app on http://{shown}:{args.port}/ (model {args.model}; Ctrl-C stops it)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"note: --host {args.host} lets other machines reach the app, without authentication; it answers "
-                  f"only requests addressed to http://{shown}:{args.port}/ or to this machine's loopback",
-                  file=sys.stderr)
+            print(
+                f"note: --host {args.host} lets other machines reach the app, without authentication; it answers "
+                f"only requests addressed to http://{shown}:{args.port}/ or to this machine's loopback",
+                file=sys.stderr,
+            )
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
         except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn once it has shut down
