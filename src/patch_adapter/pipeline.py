@@ -451,11 +451,9 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         start_latents = per_image_latents(latents, plans, num_images_per_prompt, self.vae.config.latent_channels)
 
         # 3. Encode the prompts (and IP-Adapter images) once for every stage
-        self._guidance_scale, self._guidance_rescale, self._clip_skip = (
-            settings.guidance_scale,
-            settings.guidance_rescale,
-            clip_skip,
-        )
+        self._guidance_scale = settings.guidance_scale
+        self._guidance_rescale = settings.guidance_rescale
+        self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_start = self._denoising_end = None
         self._interrupt = False
@@ -470,18 +468,18 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             self.encode_conditioning(
                 prompts,
                 settings,
-                prompt,
-                prompt_2,
-                negative_prompt,
-                negative_prompt_2,
-                prompt_embeds,
-                negative_prompt_embeds,
-                pooled_prompt_embeds,
-                negative_pooled_prompt_embeds,
-                ip_adapter_image,
-                ip_adapter_image_embeds,
-                cross_attention_kwargs,
-                clip_skip,
+                prompt=prompt,
+                prompt_2=prompt_2,
+                negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+                cross_attention_kwargs=cross_attention_kwargs,
+                clip_skip=clip_skip,
                 micro=dict(
                     original_size=original_size,
                     crops_coords_top_left=crops_coords_top_left,
@@ -683,23 +681,27 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
 
     def encode_conditioning(
         self,
-        count,
-        settings,
-        prompt,
-        prompt_2,
-        negative_prompt,
-        negative_prompt_2,
-        prompt_embeds,
-        negative_prompt_embeds,
-        pooled_prompt_embeds,
-        negative_pooled_prompt_embeds,
-        ip_adapter_image,
-        ip_adapter_image_embeds,
-        cross_attention_kwargs,
-        clip_skip,
-        micro,
+        count: int,
+        settings: InpaintSettings,
+        *,
+        prompt=None,
+        prompt_2=None,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        cross_attention_kwargs=None,
+        clip_skip=None,
+        micro=None,
     ) -> list[Conditioning]:
-        """One Conditioning per prompt, with diffusers' own prompt and IP-Adapter encoders."""
+        """One Conditioning per prompt (`count`), with diffusers' own prompt and IP-Adapter encoders.
+
+        The keywords are `__call__`'s; micro: its SDXL micro-conditioning arguments.
+        """
         device = self._execution_device
         guided = settings.guided
         if prompt is None and prompt_embeds is None:
@@ -758,9 +760,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
     def encode_text(self, prompt, negative_prompt, guidance_scale) -> Conditioning:
         """The conditioning of one prompt (for tools that drive the stages themselves)."""
         settings = InpaintSettings(guidance_scale=guidance_scale)
-        return self.encode_conditioning(
-            1, settings, prompt, None, negative_prompt, None, None, None, None, None, None, None, None, None, None
-        )[0]
+        return self.encode_conditioning(1, settings, prompt=prompt, negative_prompt=negative_prompt)[0]
 
     def time_ids(self, height: int, width: int, text: Conditioning, whole_image: bool = False) -> torch.Tensor:
         """SDXL micro-conditioning: original size, crop top-left, target size (and aesthetic scores).
