@@ -29,7 +29,7 @@ lint:
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
-# the suite on the tiny backbone, two processes (about 7 minutes on 2 cores; the quality slice
+# the suite on the tiny backbone, two processes (about 8 minutes on 2 cores; the quality slice
 # takes the most), after `make lint`; tests marked slow are left out, `make test-all` runs them (the direct baseline at 4K)
 test: lint
 	$(PY) -m pytest -q -n 2 -m "not slow"

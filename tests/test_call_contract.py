@@ -376,7 +376,7 @@ def test_ip_adapter_images_condition_every_stage(tmp_path):
 
 
 def test_lora_scale_reaches_the_unet_beside_the_adapters():
-    peft = pytest.importorskip("peft")
+    import peft  # in the test extra: this test must not skip
     pipe = PatchAdapterPipeline.from_pretrained("tiny", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     image, mask = inputs()
@@ -417,3 +417,16 @@ def test_pipeline_state_attributes_like_diffusers(pipe):
     assert pipe.guidance_scale == 6.0 and pipe.clip_skip == 1 and pipe.do_classifier_free_guidance
     assert pipe.num_timesteps == out.plan.stage2_steps  # the last stage's, as in diffusers' single loop
     assert pipe.interrupt is False and pipe.cross_attention_kwargs is None
+
+
+def test_a_text_to_image_unet_is_refused_before_any_work():
+    from diffusers import UNet2DConditionModel
+
+    from patch_adapter.backbone import BackboneLoadError
+
+    tiny = PatchAdapterPipeline.from_pretrained("tiny", device="cpu")
+    unet = UNet2DConditionModel.from_config(dict(tiny.unet.config) | {"in_channels": 4})
+    pipe = PatchAdapterPipeline(**(tiny.components | {"unet": unet}))  # diffusers' tools may still build it
+    image, mask = inputs()
+    with pytest.raises(BackboneLoadError, match="4 input channels"):
+        pipe(prompt="x", image=image, mask_image=mask, **FAST)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .adapters import ReferenceBank, install_adapters
 from .adapters.attention import repeat_to_batch
 from .adapters.guard import AdapterGuardMixin
-from .backbone import native_size
+from .backbone import check_inpainting_backbone, native_size
 from .compositing import composite_into, with_opaque_alpha
 from .image_io import (
     LoadedImage,
@@ -426,6 +426,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         )
         settings = settings.resolved(self.native_size)  # the backbone's defaults, as the plan and metadata hold them
         check_integer("num_images_per_prompt", num_images_per_prompt, 1)
+        check_inpainting_backbone({"unet": self.unet}, "this pipeline")  # a 4-channel UNet would fail deep inside
         self.check_adapters()
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
