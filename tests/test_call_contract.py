@@ -377,6 +377,7 @@ def test_ip_adapter_images_condition_every_stage(tmp_path):
 
 def test_lora_scale_reaches_the_unet_beside_the_adapters():
     import peft  # in the test extra: this test must not skip
+
     pipe = PatchAdapterPipeline.from_pretrained("tiny", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     image, mask = inputs()
