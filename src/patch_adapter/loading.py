@@ -23,10 +23,8 @@ refused by AutoPipeline, which maps class-name strings only.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -63,19 +61,23 @@ def bundled_adapter(source) -> Path | None:
     return path if path.is_file() else None
 
 
-@functools.cache
-def popped_keywords(function) -> frozenset:
-    """The keywords a diffusers loader takes from its **kwargs (read from its source, so they
-    follow the installed diffusers version)."""
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
-        return frozenset()
-    return frozenset(re.findall(r"kwargs\.pop\(\s*[\"'](\w+)[\"']", source))
+#: The keywords diffusers 0.42's loaders take from their **kwargs (DiffusionPipeline.from_pretrained
+#: with download, and from_single_file). Another keyword is refused rather than ignored: diffusers
+#: itself only logs unknown ones. A newer diffusers keyword is one line here.
+PRETRAINED_KEYWORDS = frozenset({
+    "cache_dir", "device_map", "disable_mmap", "force_download", "local_files_only", "low_cpu_mem_usage",
+    "max_memory", "offload_folder", "offload_state_dict", "provider", "provider_options", "proxies",
+    "quantization_config", "revision", "sess_options", "token", "trust_remote_code", "use_flashpack", "use_onnx",
+    "use_safetensors", "variant",
+})  # fmt: skip
+SINGLE_FILE_KEYWORDS = frozenset({
+    "cache_dir", "config", "disable_mmap", "force_download", "load_safety_checker", "local_files_only",
+    "original_config", "original_config_file", "proxies", "revision", "token",
+})  # fmt: skip
 
 
-def check_keywords(cls, kwargs: dict, loaders, method: str = "from_pretrained") -> None:
-    """Refuse keywords no loader of `loaders` nor the pipeline's __init__ takes (diffusers only logs them)."""
+def check_keywords(cls, kwargs: dict, loader_keywords: frozenset, method: str = "from_pretrained") -> None:
+    """Refuse keywords neither the diffusers loader nor the pipeline's __init__ takes (diffusers only logs them)."""
     refused = sorted(set(kwargs) & set(REFUSED_KEYWORDS))
     if refused:
         raise TypeError(
@@ -83,9 +85,7 @@ def check_keywords(cls, kwargs: dict, loaders, method: str = "from_pretrained") 
             f"{cls.__name__} (use DiffusionPipeline.from_pretrained for other pipelines)"
         )
     expected, optional = cls._get_signature_keys(cls)
-    known = set(expected) | set(optional) | set(OUR_KEYWORDS)
-    for loader in loaders:
-        known |= popped_keywords(loader)
+    known = set(expected) | set(optional) | set(OUR_KEYWORDS) | loader_keywords
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"{cls.__name__}.{method} got unexpected keyword arguments: {', '.join(unknown)}")
@@ -260,7 +260,7 @@ class PatchAdapterLoadingMixin:
         adapter, device, cpu_offload, scheduler, dtype = our_keywords(kwargs)
         if kwargs.pop("config", None) is not None:
             raise TypeError("config= is for single-file checkpoints; a diffusers folder or hub id has its own")
-        check_keywords(cls, kwargs, (DiffusionPipeline.from_pretrained, DiffusionPipeline.download))
+        check_keywords(cls, kwargs, PRETRAINED_KEYWORDS)
         if device_map_conflict(kwargs, device, cpu_offload):
             raise ValueError("device_map places the models itself: leave device='auto' and cpu_offload=False")
         before = own_processors(kwargs["unet"]) if kwargs.get("unet") is not None else {}
@@ -320,9 +320,8 @@ class PatchAdapterLoadingMixin:
         adapter, device, cpu_offload, scheduler, dtype = our_keywords(kwargs)
         if isinstance(dtype, dict):
             raise TypeError("a single-file checkpoint loads with one dtype, not a dict per component")
-        from diffusers.loaders.single_file import FromSingleFileMixin
 
-        check_keywords(cls, kwargs, (FromSingleFileMixin.from_single_file,), "from_single_file")
+        check_keywords(cls, kwargs, SINGLE_FILE_KEYWORDS, "from_single_file")
         if adapter is True:
             raise BackboneLoadError("adapter=True: a single-file checkpoint ships no adapter file; pass adapter=PATH")
         path = Path(source).expanduser()
