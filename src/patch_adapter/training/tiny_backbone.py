@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..image_io import to_float, to_model_range
+
 
 @dataclass
 class TinyRecipe:
@@ -105,9 +107,9 @@ def make_views(recipe: TinyRecipe, native: int) -> dict:
     return {"pixels": pixels, "mask": mask, "prompt": prompts}
 
 
-def to_model_range(pixels: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+def model_batch(pixels: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], the VAE's input."""
+    return to_model_range(torch.from_numpy(to_float(pixels)).permute(0, 3, 1, 2))
 
 
 def laplacian(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
             group["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 100)
         index = rng.integers(0, len(views["pixels"]), recipe.vae_batch)
         top, left = rng.integers(0, views["pixels"].shape[1] - recipe.vae_crop + 1, 2)
-        x = to_model_range(views["pixels"][index, top : top + recipe.vae_crop, left : left + recipe.vae_crop])
+        x = model_batch(views["pixels"][index, top : top + recipe.vae_crop, left : left + recipe.vae_crop])
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         l1 = F.l1_loss(reconstruction, x)
@@ -152,7 +154,7 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
 def fit_latent_scale(vae, views: dict, count: int = 256) -> float:
     """SD's recipe: scaling_factor = 1 / std of the latents, so the UNet sees unit variance."""
     latents = [
-        vae.encode(to_model_range(views["pixels"][i : i + 32])).latent_dist.mean
+        vae.encode(model_batch(views["pixels"][i : i + 32])).latent_dist.mean
         for i in range(0, min(count, len(views["pixels"])), 32)
     ]
     return float(1.0 / torch.cat(latents).std())
@@ -163,7 +165,7 @@ def encode_views(pipe, views: dict, batch: int = 64) -> tuple[torch.Tensor, torc
     """Latents of each target view, and of it with the mask area grey (the UNet's 9-channel input)."""
     targets, masked = [], []
     for i in range(0, len(views["pixels"]), batch):
-        x = to_model_range(views["pixels"][i : i + batch])
+        x = model_batch(views["pixels"][i : i + batch])
         keep = torch.from_numpy(~views["mask"][i : i + batch])[:, None].float()
         targets.append(pipe.encode(x))
         masked.append(pipe.encode(x * keep))
