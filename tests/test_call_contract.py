@@ -13,6 +13,7 @@ from diffusers import StableDiffusionXLInpaintPipeline
 
 from conftest import box_mask, random_image, seeded
 from patch_adapter import PatchAdapterPipeline
+from patch_adapter.pipeline import DIFFUSERS_KNOB_DEFAULTS
 from patch_adapter.settings import InpaintSettings
 
 FAST = dict(num_inference_steps=2, strength=1.0, refine_steps=2)
@@ -35,6 +36,9 @@ def test_every_stock_argument_is_accepted():
     # in the stock order, so positional calls mean the same
     names = [n for n in ours if n in stock]
     assert names == [n for n in stock if n in ours]
+    # the arguments that are also settings default to the settings' defaults, as the stock ones do
+    for name, default in DIFFUSERS_KNOB_DEFAULTS.items():
+        assert ours[name].default == stock[name].default == default, name
 
 
 def test_unknown_keywords_are_refused(pipe):

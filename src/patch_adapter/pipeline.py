@@ -15,6 +15,7 @@ prompt encoding, latent and mask preparation, schedulers and VAE, and adds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -58,13 +59,11 @@ from .validation import LATENT_FACTOR, check_feather, check_integer, check_promp
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 ADAPTER_ATTENTION_KEYS = {"dca_mask", "dca_scale", "rpa_bank", "rpa_scale"}  # the adapters' per-call inputs
-#: The settings that are also arguments of the stock pipeline, with diffusers' defaults (= InpaintSettings').
+#: The settings that are also arguments of the stock pipeline, with their defaults (the same in both).
 DIFFUSERS_KNOB_DEFAULTS = {
-    "num_inference_steps": 50,
-    "strength": 0.9999,
-    "guidance_scale": 7.5,
-    "guidance_rescale": 0.0,
-    "eta": 0.0,
+    field.name: field.default
+    for field in dataclasses.fields(InpaintSettings)
+    if field.name in ("num_inference_steps", "strength", "guidance_scale", "guidance_rescale", "eta")
 }
 
 
@@ -757,11 +756,6 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
                 )
             )
         return conditionings
-
-    def encode_text(self, prompt, negative_prompt, guidance_scale) -> Conditioning:
-        """The conditioning of one prompt (for tools that drive the stages themselves)."""
-        settings = InpaintSettings(guidance_scale=guidance_scale)
-        return self.encode_conditioning(1, settings, prompt=prompt, negative_prompt=negative_prompt)[0]
 
     def time_ids(self, height: int, width: int, text: Conditioning, whole_image: bool = False) -> torch.Tensor:
         """SDXL micro-conditioning: original size, crop top-left, target size (and aesthetic scores).
