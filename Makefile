@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup browser lint test test-all bench bench-sdxl bench-train train-tiny retrain-rpa quality clean
+.PHONY: setup browser lint test test-all bench bench-sdxl bench-train train-tiny tiny-competence retrain-rpa quality clean
 
 # .venv with torch (CPU wheel, pinned by constraints.txt), the package and its test tools,
 # and the browser the web app's test drives
@@ -50,16 +50,22 @@ bench-sdxl:
 bench-train:
 	$(PY) benchmarks/train_speed.py
 
-# train the tiny backbone (VAE, text encoders, UNet) and both adapters from scratch on
-# procedural scenes, into src/patch_adapter/tiny_weights (about 70 minutes on 2 cores; build/tiny
-# holds the intermediate steps, and a rerun continues from them)
+# train the tiny world's backbone (VAE, text encoders, UNet) and both adapters from scratch, in
+# stages that each write their result into src/patch_adapter/tiny_world/stages (committed), the
+# last one into src/patch_adapter/tiny_world/weights; a finished stage is skipped, so a rerun
+# continues. `make train-tiny STAGE=vae` (or denoiser, adapters) runs one stage (each at most
+# 90 minutes on 2 cores; the denoiser stage adds one round per run); docs/tiny-world.md
 train-tiny:
-	$(PY) -m patch_adapter.training.tiny_backbone --work build/tiny --output src/patch_adapter/tiny_weights
+	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny $(if $(STAGE),--stage $(STAGE),)
+
+# the shipped backbone's competence at native size: VAE texture kept, inserts read back
+tiny-competence:
+	$(PY) -m patch_adapter.tiny_world.competence
 
 # train only the Reference Patch Adapter again on the shipped backbone (after a change of its design;
 # about 20 minutes on 2 cores), keeping the shipped Dual Context Adapter
 retrain-rpa:
-	$(PY) -m patch_adapter.training.tiny_backbone --work build/tiny-rpa --retrain rpa --threads 1
+	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny-rpa --retrain rpa --threads 1
 
 # the quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
 # (about 12 + 30 minutes on 2 cores)

@@ -55,7 +55,8 @@ def build_pipeline(dtype):
     from diffusers import EulerDiscreteScheduler
 
     from patch_adapter import PatchAdapterPipeline
-    from patch_adapter.backbone import build_sdxl_components, tiny_tokenizer
+    from patch_adapter.backbone import build_sdxl_components
+    from patch_adapter.tiny_world.tokenizer import tiny_tokenizer
 
     torch.manual_seed(0)
     components = build_sdxl_components(dtype, device="cuda")

@@ -89,8 +89,9 @@ def build_pipeline(device, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from patch_adapter.backbone import tiny_configs, tiny_tokenizer
     from patch_adapter.pipeline import PatchAdapterPipeline
+    from patch_adapter.tiny_world.architecture import tiny_configs
+    from patch_adapter.tiny_world.tokenizer import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     ids = dict(

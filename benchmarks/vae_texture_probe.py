@@ -27,7 +27,7 @@ import torch.nn.functional as F
 def crops(count: int, seed: int, size: int = 64) -> torch.Tensor:
     """(count, 3, size, size) in [-1, 1]: one random crop of each of `count` scene views."""
     from patch_adapter.image_io import to_float, to_model_range
-    from patch_adapter.training.scene_views import scene_view
+    from patch_adapter.tiny_world.views import scene_view
 
     rng = np.random.default_rng(seed)
     out = []
@@ -72,7 +72,7 @@ def scores(vae, held_out: torch.Tensor) -> dict:
 def main() -> None:
     from diffusers import AutoencoderKL
 
-    from patch_adapter.backbone import tiny_configs
+    from patch_adapter.tiny_world.architecture import tiny_configs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loss", choices=("copy", "energy"), default="energy")

@@ -25,8 +25,9 @@ from patch_adapter.adapters import (
     load_adapter,
     save_adapter,
 )
-from patch_adapter.backbone import build_tiny_components, load_backbone
+from patch_adapter.backbone import load_backbone
 from patch_adapter.pipeline import PatchAdapterPipeline
+from patch_adapter.tiny_world.architecture import build_tiny_components
 
 IMAGE_EMBED_DIM = 16
 

@@ -19,7 +19,7 @@ from patch_adapter.adapters import (
     save_adapter,
     token_mask,
 )
-from patch_adapter.backbone import build_tiny_components
+from patch_adapter.tiny_world.architecture import build_tiny_components
 
 
 def attention(q, k, v, heads):
@@ -263,7 +263,7 @@ def test_save_load_round_trip(tmp_path):
 def test_weights_for_another_backbone_are_refused(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from patch_adapter.backbone import tiny_configs
+    from patch_adapter.tiny_world.architecture import tiny_configs
 
     source = build_tiny_components()["unet"]
     install_adapters(source)

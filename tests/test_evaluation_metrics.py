@@ -19,10 +19,10 @@ from patch_adapter.evaluation.metrics import (
     ssim_map,
     tile_seam_strength,
 )
-from patch_adapter.evaluation.scenes import render_scene
 from patch_adapter.evaluation.scoring import score_result
 from patch_adapter.evaluation.tasks import MASK_KINDS, make_task
 from patch_adapter.masks import dilate_mask
+from patch_adapter.tiny_world.scenes import render_scene
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,13 @@ def test_benchmark_tasks_are_deterministic_and_extend_by_count():
 
 
 def test_benchmark_tasks_pair_kinds_and_cover_mask_kinds_and_placements():
-    tasks = benchmark_tasks(seed=0, count=6, width=256, height=256, native=128)
-    assert [t.kind for t in tasks] == ["insert", "remove"] * 3
+    tasks = benchmark_tasks(seed=0, count=8, width=256, height=256, native=128)
+    assert [t.kind for t in tasks] == ["insert", "remove"] * 4
     for insert, remove in zip(tasks[::2], tasks[1::2], strict=True):  # a pair: one scene pair, one mask
         assert insert.seed == remove.seed and np.array_equal(insert.mask, remove.mask)
         assert np.array_equal(insert.truth, remove.image)
     assert {t.mask_kind for t in tasks} == {"object", "box", "brush"}
-    assert {t.placement for t in tasks} == {"free", "border", "large"}
+    assert {t.placement for t in tasks} == {"free", "border", "large", "small"}
 
 
 def test_tile_borders_are_the_patch_edges_in_pixels():

@@ -5,15 +5,17 @@ import json
 import numpy as np
 import pytest
 
-from patch_adapter.evaluation.detector import detect_object, shape_scores
+from patch_adapter.evaluation.detector import count_objects, detect_object, shape_scores
 from patch_adapter.evaluation.metrics import laplacian
-from patch_adapter.evaluation.scenes import (
+from patch_adapter.evaluation.tasks import MASK_KINDS, PLACEMENTS, make_task, task_record
+from patch_adapter.tiny_world.scenes import (
     BACKGROUND_TINTS,
     OBJECT_COLOURS,
     SHAPES,
     TEXTURES,
     VOCABULARY,
     Scene,
+    SceneObject,
     diagonal_line_coverage,
     object_box,
     object_coverage,
@@ -24,7 +26,6 @@ from patch_adapter.evaluation.scenes import (
     scene_caption,
     scene_truth,
 )
-from patch_adapter.evaluation.tasks import MASK_KINDS, PLACEMENTS, make_task, task_record
 
 
 def block_mean(image, factor):
@@ -244,6 +245,41 @@ def test_large_masks_exceed_a_native_patch(native, size):
         rows, cols = np.flatnonzero(task.mask.any(axis=1)), np.flatnonzero(task.mask.any(axis=0))
         assert rows[-1] - rows[0] + 1 > native and cols[-1] - cols[0] + 1 > native
         assert np.array_equal(task.truth[~task.mask], task.image[~task.mask])
+
+
+@pytest.mark.parametrize("size", [512, 1024])
+def test_small_masks_fit_inside_one_native_patch(size):
+    for seed in range(6):
+        task = make_task("insert", seed, size, size, native=128, mask_kind=MASK_KINDS[seed % 3], placement="small")
+        rows, cols = np.flatnonzero(task.mask.any(axis=1)), np.flatnonzero(task.mask.any(axis=0))
+        assert rows[-1] - rows[0] + 1 < 128 and cols[-1] - cols[0] + 1 < 128
+        assert 0.15 * 128 - 1 <= task.target.size * size <= 0.35 * 128 + 1
+
+
+def test_object_count_is_one_for_insert_truths_and_zero_for_removals():
+    for seed in range(16):
+        placement = PLACEMENTS[seed % len(PLACEMENTS)]
+        for kind, want in (("insert", 1), ("remove", 0)):
+            task = make_task(kind, seed, 512, 512, mask_kind=MASK_KINDS[seed % 3], placement=placement)
+            assert count_objects(task.truth, task.mask) == want, (seed, kind, placement)
+            assert count_objects(task.image, task.mask) == 1 - want
+
+
+def test_object_count_sees_duplicates_and_broken_objects_and_ignores_specks():
+    background = random_scene(3, 256, 256, max_objects=1).background
+    star = SceneObject("star", "red", 0.3, 0.5, 0.25)
+    twins = Scene(256, 256, background, (star, SceneObject("star", "red", 0.7, 0.5, 0.25)))
+    mask = np.ones((256, 256), dtype=bool)
+    assert count_objects(render_scene(Scene(256, 256, background, (star,))), mask) == 1
+    assert count_objects(render_scene(twins), mask) == 2
+    broken = render_scene(Scene(256, 256, background, (SceneObject("square", "blue", 0.5, 0.5, 0.4),)))
+    bare = render_scene(Scene(256, 256, background))
+    broken[:, 126:131] = bare[:, 126:131]  # a background gap through the middle: two pieces
+    assert count_objects(broken, mask) == 2
+    speckled = render_scene(Scene(256, 256, background, (star,)))
+    speckled[10:12, 10:12] = (215, 40, 40)  # a 4-pixel speck is not an object
+    assert count_objects(speckled, mask) == 1
+    assert count_objects(bare, mask) == 0
 
 
 def test_task_arguments_are_checked():

@@ -3,12 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
-from patch_adapter.backbone import tiny_tokenizer, word_tokenizer
 from patch_adapter.evaluation.detector import detect_object
-from patch_adapter.evaluation.scenes import OBJECT_COLOURS, SHAPES, VOCABULARY
-from patch_adapter.training.scene_views import export_scene_folder, scene_view
+from patch_adapter.tiny_world.scenes import OBJECT_COLOURS, SHAPES, VOCABULARY
+from patch_adapter.tiny_world.tokenizer import tiny_tokenizer, word_tokenizer
+from patch_adapter.tiny_world.views import export_scene_folder, scene_view
 
 
 def test_every_vocabulary_word_is_one_token_and_other_text_still_tokenizes():
@@ -61,27 +62,59 @@ def test_exported_scenes_are_a_valid_training_set(tmp_path):
 
 
 def test_vae_training_lowers_reconstruction_loss():
-    from patch_adapter.backbone import build_tiny_components
-    from patch_adapter.training.tiny_backbone import TinyRecipe, train_vae
+    from patch_adapter.tiny_world.architecture import build_tiny_components
+    from patch_adapter.tiny_world.recipe import TinyRecipe, train_vae
 
     views = [scene_view(seed) for seed in range(16)]
     data = {"pixels": np.stack([v.pixels for v in views])}
     vae = build_tiny_components()["vae"]
-    recipe = TinyRecipe(vae_steps=200, vae_batch=4, vae_crop=32)
+    recipe = TinyRecipe(vae_steps=200, vae_batch=4, vae_crop=32, vae_energy_weight=0.0)  # the copy loss alone
     torch.manual_seed(0)
     report = train_vae(vae, data, recipe)
     assert report["l1_last100"] < 0.88 * report["l1_first100"]  # measured 0.81
 
 
-def test_recipe_runs_end_to_end_and_its_folder_loads_with_its_adapters(tmp_path):
-    from safetensors.torch import load_file
+def test_the_vae_energy_term_asks_for_texture_strength_not_its_phase():
+    from patch_adapter.tiny_world.competence import textured_backgrounds
+    from patch_adapter.tiny_world.recipe import model_batch, vae_loss
 
-    from patch_adapter.adapters import BUNDLED_ADAPTER_FILE, adapter_state_dict
-    from patch_adapter.pipeline import PatchAdapterPipeline
-    from patch_adapter.training.tiny_backbone import TinyRecipe, train_tiny
+    x = model_batch(textured_backgrounds(4, 64, seed=1))
+    shifted = torch.roll(x, shifts=(1, 1), dims=(2, 3))  # the same texture at another phase
+    flat = x.mean(dim=(2, 3), keepdim=True).expand_as(x)  # what a copying decoder returns
+    _, same = vae_loss(x, x, 1.0)
+    _, moved = vae_loss(shifted, x, 1.0)
+    _, blurred = vae_loss(flat, x, 1.0)
+    assert same["energy"] == 0.0
+    assert moved["energy"] < 0.1 * blurred["energy"]  # phase is free...
+    assert moved["l1"] > 0.5 * blurred["l1"]  # ...while the copy loss punishes it almost as much as flatness
 
-    recipe = TinyRecipe(
+
+def test_the_world_texture_vanishes_under_a_4x_down_up():
+    """The tiny world's rule: its texture is only there at full resolution (at most 10% of its energy survives)."""
+    from patch_adapter.tiny_world.competence import texture_energy_kept
+
+    class Identity(torch.nn.Module):  # a perfect VAE: keeps everything
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return type("Out", (), {"latent_dist": type("D", (), {"mode": lambda _: x})()})()
+
+        def decode(self, z):
+            return type("Out", (), {"sample": z})()
+
+    kept = texture_energy_kept(Identity(), count=16)
+    assert kept["round_trip"] == pytest.approx(1.0, abs=1e-3)
+    assert kept["down_up_4x"] <= 0.1
+
+
+def smoke_recipe(tmp_path, **changes):
+    from patch_adapter.tiny_world.recipe import TinyRecipe
+
+    settings = dict(
         output=str(tmp_path / "weights"),
+        stages=str(tmp_path / "stages"),
         work=str(tmp_path / "work"),
         threads=1,
         views=32,
@@ -94,9 +127,28 @@ def test_recipe_runs_end_to_end_and_its_folder_loads_with_its_adapters(tmp_path)
         stage1={"max_steps": 2},
         stage2={"max_steps": 2},
     )
-    out = train_tiny(recipe)
+    return TinyRecipe(**(settings | changes))
+
+
+def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    from patch_adapter.adapters import BUNDLED_ADAPTER_FILE, adapter_state_dict
+    from patch_adapter.pipeline import PatchAdapterPipeline
+    from patch_adapter.tiny_world.recipe import train_tiny
+
+    recipe = smoke_recipe(tmp_path)
+    stages = tmp_path / "stages"
+    train_tiny(recipe, stages=("vae",))  # a stage alone writes its result, and nothing else
+    assert (stages / "vae" / "report.json").is_file() and not (stages / "denoiser").exists()
+    vae_bytes = (stages / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    out = train_tiny(recipe)  # the rest; the finished stage is not run again
+    assert (stages / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_bytes
+    rounds = json.loads((stages / "denoiser" / "report.json").read_text())["rounds"]
+    assert len(rounds) == recipe.denoiser_rounds == 2
     report = json.loads((out / "recipe_report.json").read_text())
-    assert report["vae"]["scaling_factor"] > 0
+    assert report["vae"]["scaling_factor"] > 0 and len(report["denoiser"]["rounds"]) == 2
+    assert set(report["vae"]["texture_energy_kept"]) == {"round_trip", "down_up_4x"}
     pipe = PatchAdapterPipeline.from_pretrained(str(out), device="cpu")
     bare = PatchAdapterPipeline.from_pretrained(str(out), device="cpu", adapter=False)
     assert pipe.unet.dtype == torch.float32  # stored in fp16, loaded as asked
@@ -105,3 +157,44 @@ def test_recipe_runs_end_to_end_and_its_folder_loads_with_its_adapters(tmp_path)
     assert shipped.keys() == loaded.keys()
     assert all(torch.equal(shipped[k].float(), loaded[k]) for k in shipped)
     assert any(not torch.equal(loaded[k], untrained[k]) for k in loaded if ".to_out_ref." not in k)
+    # the VAE the backbone ships is the VAE stage's
+    stage_vae = load_file(str(stages / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v.float(), pipe.vae.state_dict()[k]) for k, v in stage_vae.items())
+
+
+def test_a_denoiser_round_continues_from_the_last_rounds_weights(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from patch_adapter.tiny_world.architecture import build_tiny_components
+    from patch_adapter.tiny_world.recipe import denoiser_stage, vae_stage
+
+    recipe = smoke_recipe(tmp_path, unet_lr=0.0, unet_warmup=1, ema_decay=0.0)  # a round that changes nothing
+    vae_stage(recipe)
+    folder = denoiser_stage(recipe)
+    first = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    initial = build_tiny_components(seed=recipe.seed)["unet"].state_dict()
+    assert all(torch.equal(v, initial[k].half().float()) for k, v in first.items())
+    folder = denoiser_stage(recipe)  # round 2 starts from round 1's weights (not the seed's again)
+    second = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    assert all(torch.equal(v, first[k]) for k, v in second.items())
+    assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 2
+    assert denoiser_stage(recipe) == folder  # done: a third run adds nothing
+    assert len(json.loads((folder / "report.json").read_text())["rounds"]) == 2
+
+
+def test_the_core_never_imports_the_tiny_world():
+    """Loading "tiny" and inpainting with it reads the shipped folder by path: no tiny-world code runs."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "import patch_adapter.adapters, patch_adapter.backbone, patch_adapter.tiling, patch_adapter.cli\n"
+        "from patch_adapter import PatchAdapterPipeline\n"
+        "pipe = PatchAdapterPipeline.from_pretrained('tiny', device='cpu')\n"
+        "mask = np.zeros((128, 128), bool); mask[40:80, 40:80] = True\n"
+        "pipe(prompt='a red star', image=np.zeros((128, 128, 3), np.uint8), mask_image=mask, num_inference_steps=2)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('patch_adapter.tiny_world', 'patch_adapter.evaluation'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

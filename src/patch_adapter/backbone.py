@@ -4,8 +4,9 @@
 pipeline (unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
 scheduler) from one of:
 
-- ``"tiny"``: the same diffusers classes at small widths (native 128 px), built
-  deterministically here with no download; tests, CI and the quick start use it;
+- ``"tiny"``: the same diffusers classes at small widths (native 128 px), trained in
+  the tiny world (`patch_adapter.tiny_world`) and shipped as a diffusers folder in the
+  package; tests, CI and the quick start use it;
 - a local diffusers folder (one with ``model_index.json``);
 - a single-file ``.safetensors``/``.ckpt`` SDXL-inpainting checkpoint;
 - a hub id such as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` (where a hub
@@ -24,7 +25,6 @@ from pathlib import Path
 import torch
 
 SDXL_INPAINT_HUB_ID = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
-TINY_NATIVE_SIZE = 128
 COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -68,158 +68,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def tiny_weights_dir() -> Path:
-    """Where trained tiny weights live, if any (a diffusers folder).
+    """The folder of the trained tiny backbone that ships with the package (``"tiny"``).
 
-    ``PATCH_ADAPTER_TINY_WEIGHTS`` overrides it; without a folder there, the tiny
-    backbone is built with deterministic random weights.
+    The tiny world (`patch_adapter.tiny_world`) trains and owns it; the core only reads
+    it as a diffusers folder, by path. ``PATCH_ADAPTER_TINY_WEIGHTS`` overrides it.
     """
     override = os.environ.get("PATCH_ADAPTER_TINY_WEIGHTS")
     if override:
-        return Path(override)
-    return Path(__file__).resolve().parent / "tiny_weights"
-
-
-def word_tokenizer(words, model_max_length: int = 77):
-    """A CLIP tokenizer that keeps each of `words` whole, one token each.
-
-    Byte-level BPE like CLIP's, with merges that build exactly these words: any
-    other text still tokenizes, character by character. The merge list is grown
-    until every word comes out as one token (a merge added for one word can split
-    another, hence the loop).
-    """
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    base = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-
-    def build(merges):
-        vocab = {}
-        for token in base + [a + b for a, b in merges]:
-            vocab.setdefault(token, len(vocab))
-        return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
-
-    merges: list[tuple[str, str]] = []
-    for _ in range(100):
-        tokenizer = build(merges)
-        split = [pieces for pieces in (tokenizer.tokenize(w) for w in words) if len(pieces) > 1]
-        if not split:
-            return tokenizer
-        merges.extend(dict.fromkeys((pieces[0], pieces[1]) for pieces in split))
-    raise RuntimeError("could not build merges that keep every word whole")
-
-
-def tiny_tokenizer():
-    """The tiny backbone's tokenizer: one token per word of the scene vocabulary."""
-    from .evaluation.scenes import VOCABULARY
-
-    return word_tokenizer(VOCABULARY)
-
-
-def tiny_configs() -> dict:
-    """Configs of the tiny backbone: SDXL-inpainting's structure at small widths."""
-    text_dim, pooled_dim, time_dim = 32, 32, 8
-    return {
-        "unet": dict(
-            sample_size=TINY_NATIVE_SIZE // 8,
-            in_channels=9,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            transformer_layers_per_block=(1, 1, 2),
-            attention_head_dim=(2, 4, 4),
-            norm_num_groups=16,
-            cross_attention_dim=2 * text_dim,  # concatenated features of both text encoders
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
-        ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),  # trained, it still flattens 1-2 px texture (tiny_backbone.py)
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=4,
-            sample_size=TINY_NATIVE_SIZE,
-            scaling_factor=0.13025,
-            force_upcast=False,  # fp32 VAE; SDXL's fp16 VAE is upcast by the pipeline
-        ),
-        "text_encoder": dict(
-            hidden_size=text_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=pooled_dim,
-            hidden_act="gelu",
-        ),
-        "text_encoder_2": dict(
-            hidden_size=text_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=pooled_dim,
-            hidden_act="gelu",
-        ),
-        # SDXL-inpainting's scheduler settings.
-        "scheduler": dict(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-            prediction_type="epsilon",
-        ),
-    }
-
-
-def build_tiny_components(seed: int = 0) -> dict:
-    """The tiny backbone with deterministic random weights (no download).
-
-    Each component is built under its own seed so that changing one config leaves
-    the others' weights as they were. Global RNG state is left untouched.
-    """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    configs = tiny_configs()
-    tokenizer = tiny_tokenizer()
-    vocab_size = len(tokenizer)
-
-    def seeded(offset, make):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + offset)
-            return make()
-
-    unet = seeded(0, lambda: UNet2DConditionModel(**configs["unet"]))
-    vae = seeded(1, lambda: AutoencoderKL(**configs["vae"]))
-    special = dict(
-        vocab_size=vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_cfg = CLIPTextConfig(**special, **configs["text_encoder"])
-    text_cfg_2 = CLIPTextConfig(**special, **configs["text_encoder_2"])
-    text_encoder = seeded(2, lambda: CLIPTextModel(text_cfg))
-    text_encoder_2 = seeded(3, lambda: CLIPTextModelWithProjection(text_cfg_2))
-    return {
-        "unet": unet.eval(),
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "text_encoder_2": text_encoder_2.eval(),
-        "tokenizer": tokenizer,
-        "tokenizer_2": tiny_tokenizer(),
-        "scheduler": EulerDiscreteScheduler(**configs["scheduler"]),
-    }
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parent / "tiny_world" / "weights"
 
 
 # --------------------------------------------------------------------------- real
@@ -240,8 +97,8 @@ def _offline_hint(source: str) -> str:
 
 
 def source_kind(source: str) -> tuple[str, object]:
-    """What a model source is: ("folder", path), ("single_file", path), ("hub", repo id) or
-    ("tiny_random", None) (no trained tiny folder); "tiny" is the bundled folder.
+    """What a model source is: ("folder", path), ("single_file", path) or ("hub", repo id);
+    "tiny" is the folder the tiny world ships (`tiny_weights_dir`).
 
     Raises BackboneLoadError, saying what to pass instead, for a folder without
     model_index.json, a missing checkpoint file, or something that is none of these.
@@ -249,7 +106,12 @@ def source_kind(source: str) -> tuple[str, object]:
     source = str(source)
     if source == "tiny":
         weights = tiny_weights_dir()
-        return ("folder", weights) if (weights / "model_index.json").is_file() else ("tiny_random", None)
+        if not (weights / "model_index.json").is_file():
+            raise BackboneLoadError(
+                f"the tiny backbone's folder {weights} holds no model_index.json: "
+                f"train it with `make train-tiny`, or unset PATCH_ADAPTER_TINY_WEIGHTS to use the shipped one."
+            )
+        return "folder", weights
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -288,12 +150,6 @@ def load_backbone(
 
     source = str(source)
     kind, where = source_kind(source)
-    if kind == "tiny_random":
-        components = build_tiny_components()
-        if torch_dtype != torch.float32:  # built in float32; a no-op cast only makes diffusers warn
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                components[name].to(torch_dtype)
-        return components
     if source == "tiny":
         pipe = StableDiffusionXLInpaintPipeline.from_pretrained(where, dtype=torch_dtype)
         return _components_of(pipe)

@@ -194,11 +194,9 @@ def output_paths(output: str, image_path: str, count: int) -> list[Path]:
 
 def native_size_of(model: str) -> int:
     """The backbone's native size without loading weights (for --plan)."""
-    from .backbone import TINY_NATIVE_SIZE
+    from .backbone import tiny_weights_dir
 
-    if model == "tiny":
-        return TINY_NATIVE_SIZE
-    config = Path(model) / "unet" / "config.json"
+    config = (tiny_weights_dir() if model == "tiny" else Path(model)) / "unet" / "config.json"
     if config.is_file():
         return int(json.loads(config.read_text())["sample_size"]) * 8
     return 1024  # SDXL

@@ -37,7 +37,6 @@ from .adapters.reference_patch import ReferencePatchAttnProcessor
 from .backbone import (
     BackboneLoadError,
     _offline_hint,
-    build_tiny_components,
     check_inpainting_backbone,
     resolve_device,
     resolve_dtype,
@@ -265,16 +264,7 @@ class PatchAdapterLoadingMixin:
             raise ValueError("device_map places the models itself: leave device='auto' and cpu_offload=False")
         before = own_processors(kwargs["unet"]) if kwargs.get("unet") is not None else {}
 
-        if kind == "tiny_random":  # no trained tiny folder: deterministic random weights, built here
-            components = build_tiny_components()
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                wanted = dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
-                if wanted != torch.float32:
-                    components[name].to(wanted)
-            expected, optional = cls._get_signature_keys(cls)
-            components.update({k: v for k, v in kwargs.items() if k in set(expected) | set(optional)})
-            pipe = cls(**components)
-        elif kind == "folder":
+        if kind == "folder":
             try:
                 pipe = super().from_pretrained(resolved, dtype=dtype, **kwargs)
             except OSError as err:

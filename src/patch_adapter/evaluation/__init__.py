@@ -1,19 +1,17 @@
-"""Evaluation with known truth: procedural scenes, inpainting tasks, a detector and metrics.
+"""Evaluation with known truth: inpainting tasks, a detector and metrics.
 
-Everything here is pure numpy and needs no model or downloaded weights:
+Everything here is pure numpy (and OpenCV's connected components) and needs no model
+or downloaded weights. The scenes come from the tiny world's one generator
+(`patch_adapter.tiny_world.scenes`, re-exported here):
 
-- `scenes`: resolution-independent scene descriptions (flat-coloured shapes on textured
-  backgrounds whose fine detail exists only at full resolution), their renders,
-  captions and JSON truth.
 - `tasks`: insert/remove tasks built from scenes (image, mask, prompt, truth image).
-- `detector`: a deterministic reader of the colour and shape inside a mask.
+- `detector`: a deterministic reader of the colour and shape inside a mask, and of
+  how many separate objects are drawn there (the structure check).
 - `metrics`: PSNR/SSIM in a mask, seam strength, sharpness ratio, change outside the mask.
 - `scoring`: all of the above for one task and one result, as a flat record.
 """
 
-from .detector import detect_object
-from .metrics import outside_change, psnr_in_mask, seam_strength, sharpness_ratio, ssim_in_mask, tile_seam_strength
-from .scenes import (
+from ..tiny_world.scenes import (
     BACKGROUND_TINTS,
     OBJECT_COLOURS,
     SHAPES,
@@ -27,6 +25,8 @@ from .scenes import (
     scene_caption,
     scene_truth,
 )
+from .detector import count_objects, detect_object
+from .metrics import outside_change, psnr_in_mask, seam_strength, sharpness_ratio, ssim_in_mask, tile_seam_strength
 from .scoring import score_result
 from .tasks import MASK_KINDS, PLACEMENTS, TASK_KINDS, Task, make_task
 
@@ -48,6 +48,7 @@ __all__ = [
     "TASK_KINDS",
     "Task",
     "make_task",
+    "count_objects",
     "detect_object",
     "outside_change",
     "psnr_in_mask",

@@ -44,9 +44,9 @@ def benchmark_task(seed: int, index: int, width: int, height: int, native: int) 
 
     Tasks come in pairs: 2p is an insert and 2p + 1 the removal from the same scene
     pair (same task seed, mask kind and placement), so the two kinds can be compared
-    case by case. Pair p takes mask kind p % 3 and placement (p + p // 3) % 3: any 3
-    consecutive pairs hold every mask kind and every placement, and every 9 pairs
-    every combination. Its task seed is drawn from (seed, p) alone, so a run with a
+    case by case. Pair p takes mask kind p % 3 and placement p % 4: any 3 consecutive
+    pairs hold every mask kind, any 4 every placement, and any 12 every combination
+    (3 and 4 are coprime). Its task seed is drawn from (seed, p) alone, so a run with a
     larger count extends a smaller one instead of replacing it.
     """
     pair = index // 2
@@ -58,7 +58,7 @@ def benchmark_task(seed: int, index: int, width: int, height: int, native: int) 
         height,
         native=native,
         mask_kind=MASK_KINDS[pair % len(MASK_KINDS)],
-        placement=PLACEMENTS[(pair + pair // len(MASK_KINDS)) % len(PLACEMENTS)],
+        placement=PLACEMENTS[pair % len(PLACEMENTS)],
     )
 
 
@@ -111,6 +111,7 @@ def run_method(pipe, task: Task, method: str, steps: int, seed: int) -> dict:
     rows, cols = tile_borders(output.plan.tiles, pipe.vae_scale_factor)
     scores = score_result(task, output.arrays[0], rows, cols)
     scores["sharpness_gap"] = scores["sharpness"] - scores["sharpness_truth"]
+    scores["single_object"] = scores["objects"] == 1
     settings = {key: value for key, value in task_record(task).items() if key not in ("scene", "truth_scene")}
     record = {
         **settings,
@@ -142,6 +143,9 @@ class Stat:
 STATS: tuple[Stat, ...] = (
     Stat("insert_accuracy", "prompt_followed", ("insert",), "proportion", "insert prompt accuracy"),
     Stat("remove_accuracy", "prompt_followed", ("remove",), "proportion", "remove prompt accuracy"),
+    Stat("insert_single_object", "single_object", ("insert",), "proportion", "single-object rate (insert)"),
+    Stat("insert_objects", "objects", ("insert",), "mean", "objects drawn (insert)"),
+    Stat("insert_objects_truth", "objects_truth", ("insert",), "mean", "objects drawn, truth"),
     Stat("remove_psnr", "psnr", ("remove",), "mean", "remove PSNR (dB)"),
     Stat("remove_ssim", "ssim", ("remove",), "mean", "remove SSIM"),
     Stat("remove_sharpness", "sharpness", ("remove",), "mean", "remove sharpness"),

@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..masks import mask_bbox
-from .scenes import OBJECT_COLOURS, SHAPES, coverage_from_distance, shape_signed_distance
+from ..tiny_world.scenes import OBJECT_COLOURS, SHAPES, coverage_from_distance, shape_signed_distance
 
 TEMPLATE_SIZE = 32  # side of the shape templates, pixels
 BACKGROUND_CHROMA = 50.0  # chroma length below which a pixel counts as background (tints reach ~26)
@@ -44,6 +44,12 @@ def background_chroma(pixel_chroma: np.ndarray) -> np.ndarray:
     return np.median(weak, axis=0).astype(np.float32)
 
 
+def object_pixels(pixel_chroma: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """(..., 3) chroma -> (...) bool: pixels at least half-way from the background to the weakest colour."""
+    lengths = np.linalg.norm(_PALETTE_CHROMA - background, axis=-1)
+    return np.linalg.norm(pixel_chroma - background, axis=-1) > 0.5 * lengths.min()
+
+
 def colour_votes(pixel_chroma: np.ndarray, background: np.ndarray) -> np.ndarray:
     """(N, 3) -> (len(OBJECT_COLOURS),) counts of pixels whose colour direction is nearest each colour.
 
@@ -52,7 +58,7 @@ def colour_votes(pixel_chroma: np.ndarray, background: np.ndarray) -> np.ndarray
     offsets = pixel_chroma - background
     directions = _PALETTE_CHROMA - background
     lengths = np.linalg.norm(directions, axis=-1)
-    strong = np.linalg.norm(offsets, axis=-1) > 0.5 * lengths.min()
+    strong = object_pixels(pixel_chroma, background)
     if not strong.any():
         return np.zeros(len(_PALETTE_NAMES), dtype=np.int64)
     # the cosine's denominator |offset| is the same for every colour, so the argmax can skip it
@@ -100,6 +106,37 @@ def shape_scores(coverage: np.ndarray) -> dict[str, float]:
         template = shape_template(shape)
         scores[shape] = float(np.minimum(fitted, template).sum() / np.maximum(fitted, template).sum())
     return scores
+
+
+SMALLEST_PIECE = 0.1
+"""A coloured piece counts as an object when it has at least this share of the largest piece's pixels."""
+
+
+def count_objects(image: np.ndarray, mask: np.ndarray) -> int:
+    """How many separate objects are drawn inside `mask`: the structure check (truth: 1 for an insert).
+
+    Strongly coloured pixels (of any object colour) in the mask, grouped by
+    8-connectivity; pieces smaller than SMALLEST_PIECE of the largest, or than
+    MIN_OBJECT_PIXELS, are specks and not counted. A duplicated object counts 2, one
+    broken in two pieces too, and an empty fill 0.
+    """
+    import cv2
+
+    box = mask_bbox(mask)
+    if box is None:
+        return 0
+    top, left, bottom, right = box
+    window = (slice(top, bottom), slice(left, right))
+    inside = mask[window]
+    window_chroma = chroma(image[window])
+    background = background_chroma(window_chroma[inside])
+    coloured = object_pixels(window_chroma, background) & inside
+    if coloured.sum() < MIN_OBJECT_PIXELS:
+        return 0
+    _, _, stats, _ = cv2.connectedComponentsWithStats(coloured.astype(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    smallest = max(MIN_OBJECT_PIXELS, SMALLEST_PIECE * areas.max())
+    return int((areas >= smallest).sum())
 
 
 def detect_object(image: np.ndarray, mask: np.ndarray) -> tuple[str | None, str | None]:

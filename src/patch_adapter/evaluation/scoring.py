@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .detector import detect_object
+from .detector import count_objects, detect_object
 from .metrics import outside_change, psnr_in_mask, seam_strength, sharpness_ratio, ssim_in_mask, tile_seam_strength
 from .tasks import Task
 
@@ -47,6 +47,8 @@ def score_result(
         "detected_colour": detected[0],
         "detected_shape": detected[1],
         "prompt_followed": prompt_followed(task, detected),
+        "objects": count_objects(result, task.mask),
+        "objects_truth": count_objects(task.truth, task.mask),
         "outside_changed_pixels": changed.pixels,
         "outside_max_abs": changed.max_abs,
     }

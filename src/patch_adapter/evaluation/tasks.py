@@ -12,8 +12,10 @@ The mask always covers every pixel where the two scenes differ and never touches
 another object: other objects are placed outside a reserved box around the target,
 which holds the whole mask. Masks come in three kinds (the target's outline grown
 by a margin, a box, brush strokes through the target) and three placements: free,
-at an image border (the mask reaches the edge), and large (the mask is bigger than
-one native-size patch of the backbone in both directions).
+at an image border (the mask reaches the edge), large (the mask is bigger than one
+native-size patch of the backbone in both directions: a whole object no patch sees
+at once, or a large removal across textured background), and small (the target is
+0.15-0.35 of a native patch: a small mask whose detail exists only at full resolution).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from itertools import pairwise
 import numpy as np
 
 from ..masks import mask_bbox
-from .scenes import (
+from ..tiny_world.scenes import (
     Scene,
     SceneObject,
     background_phrase,
@@ -42,11 +44,12 @@ from .scenes import (
 
 TASK_KINDS: tuple[str, ...] = ("insert", "remove")
 MASK_KINDS: tuple[str, ...] = ("object", "box", "brush")
-PLACEMENTS: tuple[str, ...] = ("free", "border", "large")
+PLACEMENTS: tuple[str, ...] = ("free", "border", "large", "small")
 
 TARGET_SIZES = (0.08, 0.3)  # free and border targets: side as a share of the shorter image side
 OTHER_SIZES = (0.05, 0.25)  # the other objects of the scene
 LARGE_MARGIN = 1.15  # a large target's side is at least this many native patches
+SMALL_SIZES = (0.15, 0.35)  # a small target's side in native patches: its mask fits one patch with room
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +114,8 @@ def target_object(rng: np.random.Generator, width: int, height: int, native: int
         if smallest > 0.8:
             raise ValueError(f"a target larger than a {native}-pixel patch does not fit in {width}x{height}")
         return random_object(rng, width, height, (smallest, min(0.8, 1.3 * smallest)))
+    if placement == "small":
+        return random_object(rng, width, height, tuple(share * native / side for share in SMALL_SIZES))
     obj = random_object(rng, width, height, TARGET_SIZES)
     if placement == "free":
         return obj

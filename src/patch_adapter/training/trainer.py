@@ -237,10 +237,13 @@ def denoising_loss(
     attention_kwargs: dict,
     generator: torch.Generator,
     dtype: torch.dtype,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """The backbone's loss on clean latents: noise them at random timesteps, predict, MSE to the target.
 
-    Shared by the adapter trainer and the tiny backbone's recipe, which trains the UNet itself.
+    Shared by the adapter trainer and the tiny world's recipe, which trains the UNet itself.
+    `snr_gamma` weights each sample by min(SNR, gamma) / SNR (Hang et al. 2023, "Min-SNR"),
+    for epsilon prediction: the nearly clean timesteps, which teach little, stop dominating.
     """
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
@@ -261,7 +264,16 @@ def denoising_loss(
         cross_attention_kwargs=attention_kwargs,
         return_dict=False,
     )[0]
-    return F.mse_loss(prediction.float(), target.float())
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weight = torch.clamp(snr, max=snr_gamma) / snr
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight.float()).mean()
 
 
 def find_checkpoint(output: Path, resume: str) -> Path | None:

@@ -23,18 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.scenes import (
+from ..evaluation.tasks import MASK_KINDS, object_signed_distance, target_mask
+from ..masks import mask_bbox
+from ..training.masks import random_mask
+from .scenes import (
     Scene,
     SceneObject,
     background_phrase,
+    boxes_overlap,
+    object_box,
     object_phrase,
     random_scene,
     render_scene,
     scene_caption,
     without_object,
 )
-from ..evaluation.tasks import MASK_KINDS, object_signed_distance, target_mask
-from .masks import random_mask
+
+VIEWS_VERSION = 3
+"""Bumped whenever what a seed draws changes, so cached views of an older version are not reused."""
 
 LESSONS = {"insert": 0.45, "remove": 0.35, "repaint": 0.2}
 """Share of each inpainting lesson among views that show an object (others repaint)."""
@@ -44,6 +50,10 @@ LARGEST_SCENE = 8
 
 FOCUS_SHARE = 0.75
 """Share of views centred near an object."""
+
+FOCUS_SIZES = (0.1, 0.85)
+"""Side of the focused object in a view, share of the view (log-uniform): shapes must be learnt where
+they can be seen, from 13 px (2 latent cells, where every shape is a blob) to most of the view."""
 
 
 @dataclasses.dataclass
@@ -59,16 +69,17 @@ class View:
 def view_window(rng: np.random.Generator, scene: Scene, native: int) -> tuple[int, int, int]:
     """(render side, top, left): the scale a square scene is seen at, and the native-size window.
 
-    The scale is log-uniform between the whole scene and full resolution; most
-    windows are centred near an object (capping the zoom so it fits), as the
-    lessons need one.
+    Most windows are centred near an object, seen at a size drawn log-uniform from
+    FOCUS_SIZES (as the lessons need a readable one); the others at a scale
+    log-uniform between the whole scene and full resolution. Never beyond full
+    resolution, so a scene's texture is at most as fine as its own.
     """
     full = scene.width
     render = float(np.exp(rng.uniform(np.log(native), np.log(full))))
     focused = bool(scene.objects) and rng.random() < FOCUS_SHARE  # a crowded draw can place no object
     focus = scene.objects[int(rng.integers(0, len(scene.objects)))] if focused else None
     if focus is not None:
-        render = min(render, 0.85 * native / focus.size)
+        render = float(np.exp(rng.uniform(*np.log(FOCUS_SIZES)))) * native / focus.size
     render = int(round(max(native, min(full, render))))
     if focus is None:
         top, left = (int(v) for v in rng.integers(0, render - native + 1, size=2))
@@ -116,8 +127,17 @@ def scene_view(seed: int, native: int = 128) -> View:
         return View(pixels, mask, caption, lesson)
     index = int(rng.choice(shown))
     mask = target_mask(rng, local[index], native, native, str(rng.choice(MASK_KINDS)))
+    # other objects the mask reaches are left out of the scene: the lesson is about one object
+    top_m, left_m, bottom_m, right_m = mask_bbox(mask)
+    reached = {
+        i
+        for i, o in enumerate(local)
+        if i != index and boxes_overlap(object_box(o, native, native), (left_m, top_m, right_m, bottom_m), gap=1.0)
+    }
+    scene = dataclasses.replace(scene, objects=tuple(o for i, o in enumerate(scene.objects) if i not in reached))
+    index -= sum(i < index for i in reached)
     if lesson == "insert":
-        return View(window(scene), mask, object_phrase(local[index]), lesson)
+        return View(window(scene), mask, object_phrase(scene.objects[index]), lesson)
     return View(window(without_object(scene, index)), mask, background_phrase(scene.background), lesson)
 
 

@@ -1,0 +1,556 @@
+"""The tiny backbone's recipe: train it from scratch in the tiny world, then its adapters.
+
+`make train-tiny` runs `train_tiny`: three stages, each writing its result into the
+package (`stages`, committed) so that work finished is kept if a later stage runs out of
+time, each at most 90 minutes on 2 cores, and each skipped once done:
+
+1. vae: reconstruct native-size views with L1 on pixels and on their Laplacian plus a
+   block-energy term, ramped in once the copy loss has converged, which asks each 8x8
+   block for the input's texture strength, not its phase (`vae_loss`). A copying
+   decoder alone decodes 1-2 px texture as a flat tint (docs/tiny-world-probe.md).
+   Written to `stages/vae` with its texture figures (`competence.texture_energy_kept`).
+2. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
+   the Min-SNR-weighted noise-prediction loss over the views' insert / remove / repaint
+   lessons (`views`); EMA weights are kept. One run adds one round of `unet_steps`
+   steps from the last round's weights, up to `denoiser_rounds`; each round's report
+   holds the inserts read back at native size (`competence.insert_accuracy`).
+3. adapters: the backbone of stages 1-2 as a diffusers folder (fp16; its model_index
+   names StableDiffusionXLInpaintPipeline), full-resolution scenes exported as an
+   imagefolder, the Dual Context Adapter then the Reference Patch Adapter trained on
+   them with the same `train()` as `patch-adapter train stage1|stage2`, and the shipped
+   folder `weights` (what ``"tiny"`` loads) replaced whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..image_io import to_float, to_model_range
+
+
+@dataclass
+class TinyRecipe:
+    output: str = "src/patch_adapter/tiny_world/weights"  # the shipped diffusers folder ("tiny")
+    stages: str = "src/patch_adapter/tiny_world/stages"  # each stage's committed result
+    work: str = "build/tiny"  # views, intermediate models and adapter runs
+    seed: int = 0
+    threads: int = 2  # torch threads (the recipe is timed on 2 cores)
+    views: int = 16000  # training views of the denoiser (each with its own lesson and mask)
+    # 1. VAE
+    vae_steps: int = 3000
+    vae_batch: int = 16
+    vae_crop: int = 64  # random crops of the views; the VAE is convolutional
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    # the block-energy term (see `vae_loss`): off while the copy loss converges, then ramped up
+    vae_energy_weight: float = 10.0
+    vae_energy_start: float = 0.4  # share of the steps before it starts
+    vae_energy_full: float = 0.7  # share of the steps at which it reaches its weight
+    # 2. denoiser
+    unet_steps: int = 8000
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    unet_warmup: int = 200
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0  # Min-SNR loss weighting (None: plain MSE, as the first recipe)
+    ema_decay: float = 0.999
+    denoiser_rounds: int = 2  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
+    # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
+    adapter_scenes: int = 300
+    adapter_sizes: tuple = (512, 1024)  # 4x and 8x native
+    stage1: dict = dataclasses.field(
+        default_factory=lambda: {"max_steps": 600, "batch_size": 8, "learning_rate": 1e-3, "lr_warmup_steps": 50}
+    )
+    # the joint-attention RPA starts from reference-only attention, and 300 steps train it on 2 cores in
+    # under an hour (the gated-sum RPA before it had 600)
+    stage2: dict = dataclasses.field(
+        default_factory=lambda: {"max_steps": 300, "batch_size": 8, "learning_rate": 1e-3, "lr_warmup_steps": 30}
+    )
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%: the factor of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_views(recipe: TinyRecipe, native: int) -> dict:
+    """All training views as arrays (cached in the work folder: drawing them takes a while)."""
+    from .views import VIEWS_VERSION, scene_view
+
+    cache = Path(recipe.work) / f"views_v{VIEWS_VERSION}_{recipe.views}_{recipe.seed}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return {"pixels": data["pixels"], "mask": data["mask"], "prompt": list(data["prompt"])}
+    pixels = np.zeros((recipe.views, native, native, 3), dtype=np.uint8)
+    mask = np.zeros((recipe.views, native, native), dtype=bool)
+    prompts = []
+    for i in range(recipe.views):
+        view = scene_view(recipe.seed * 1_000_003 + i, native)
+        pixels[i], mask[i] = view.pixels, view.mask
+        prompts.append(view.prompt)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, pixels=pixels, mask=mask, prompt=np.array(prompts))
+    return {"pixels": pixels, "mask": mask, "prompt": prompts}
+
+
+def model_batch(pixels: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], the VAE's input."""
+    return to_model_range(torch.from_numpy(to_float(pixels)).permute(0, 3, 1, 2))
+
+
+def laplacian(x: torch.Tensor) -> torch.Tensor:
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
+    kernel = kernel.view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(x, kernel, groups=x.shape[1])
+
+
+def block_energy(x: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """Mean squared Laplacian per block x block cell: how much fine detail each latent cell's pixels hold."""
+    return F.avg_pool2d(laplacian(x) ** 2, block)
+
+
+def vae_loss(reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float) -> tuple[torch.Tensor, dict]:
+    """Copy loss (L1 on pixels and on their Laplacian) plus the block-energy term.
+
+    A decoder trained only to copy returns the mean of what one latent cell cannot
+    hold, so 1-2 px texture decodes flat. The energy term asks each 8x8 block of the
+    reconstruction for the input's Laplacian energy, not its phase: the decoder then
+    synthesizes texture of the right strength, as SDXL's adversarially trained VAE does
+    (measured in docs/tiny-world-probe.md).
+    """
+    l1 = F.l1_loss(reconstruction, x)
+    detail = F.l1_loss(laplacian(reconstruction), laplacian(x))
+    energy = F.l1_loss(block_energy(reconstruction).clamp_min(1e-8).sqrt(), block_energy(x).clamp_min(1e-8).sqrt())
+    loss = l1 + detail + energy_weight * energy
+    return loss, {"l1": l1.item(), "laplacian_l1": detail.item(), "energy": energy.item()}
+
+
+def energy_weight_at(step: int, recipe: TinyRecipe) -> float:
+    """The energy term's weight at `step`: 0, then a linear ramp, then `vae_energy_weight`."""
+    start, full = recipe.vae_energy_start * recipe.vae_steps, recipe.vae_energy_full * recipe.vae_steps
+    return recipe.vae_energy_weight * float(np.clip((step - start) / max(1.0, full - start), 0.0, 1.0))
+
+
+def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
+    """Reconstruction training of the VAE; returns its log."""
+    rng = np.random.default_rng(recipe.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    vae.train()
+    history = []
+    for step in range(recipe.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 100)
+        index = rng.integers(0, len(views["pixels"]), recipe.vae_batch)
+        top, left = rng.integers(0, views["pixels"].shape[1] - recipe.vae_crop + 1, 2)
+        x = model_batch(views["pixels"][index, top : top + recipe.vae_crop, left : left + recipe.vae_crop])
+        posterior = vae.encode(x).latent_dist
+        loss, parts = vae_loss(vae.decode(posterior.sample()).sample, x, energy_weight_at(step, recipe))
+        loss = loss + recipe.vae_kl * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        history.append(parts)
+        if step % 100 == 0 or step == recipe.vae_steps - 1:
+            recent = {k: np.mean([h[k] for h in history[-100:]]) for k in parts}
+            log(f"vae step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in recent.items()))
+    vae.eval()
+    return {
+        "l1_first100": float(np.mean([h["l1"] for h in history[:100]])),
+        "l1_last100": float(np.mean([h["l1"] for h in history[-100:]])),
+        "energy_last100": float(np.mean([h["energy"] for h in history[-100:]])),
+    }
+
+
+@torch.no_grad()
+def fit_latent_scale(vae, views: dict, count: int = 256) -> float:
+    """SD's recipe: scaling_factor = 1 / std of the latents, so the UNet sees unit variance."""
+    latents = [
+        vae.encode(model_batch(views["pixels"][i : i + 32])).latent_dist.mean
+        for i in range(0, min(count, len(views["pixels"])), 32)
+    ]
+    return float(1.0 / torch.cat(latents).std())
+
+
+@torch.no_grad()
+def encode_views(pipe, views: dict, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of each target view, and of it with the mask area grey (the UNet's 9-channel input)."""
+    targets, masked = [], []
+    for i in range(0, len(views["pixels"]), batch):
+        x = model_batch(views["pixels"][i : i + batch])
+        keep = torch.from_numpy(~views["mask"][i : i + batch])[:, None].float()
+        targets.append(pipe.encode(x))
+        masked.append(pipe.encode(x * keep))
+    return torch.cat(targets), torch.cat(masked)
+
+
+def train_denoiser(pipe, views: dict, recipe: TinyRecipe) -> dict:
+    """The UNet and both text encoders on the noise-prediction loss; EMA weights end up in `pipe`."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from ..training.trainer import denoising_loss, encode_captions, micro_time_ids, stage_latent_mask
+
+    latents, masked_latents = encode_views(pipe, views)
+    log(f"encoded {len(latents)} views: latent std {latents.std():.3f}")
+    masks = torch.from_numpy(views["mask"])[:, None].float()
+    prompts = views["prompt"]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    modules = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    params = [p for m in modules for p in m.parameters()]
+    for m in modules:
+        m.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
+    ema = EMAModel(params, decay=recipe.ema_decay)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed + 1)
+    factor = pipe.vae_scale_factor
+    history = []
+    for step in range(recipe.unet_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.unet_lr * cosine_lr(step, recipe.unet_steps, recipe.unet_warmup)
+        index = torch.from_numpy(rng.integers(0, len(latents), recipe.unet_batch))
+        x0, masked = latents[index], masked_latents[index]
+        # both stages' latent masks: stage 1 resizes (nearest), stage 2 max-pools
+        mask = stage_latent_mask(masks[index], "stage1" if step % 2 else "stage2", factor)
+        captions = ["" if rng.random() < recipe.caption_dropout else prompts[i] for i in index.tolist()]
+        embeds, pooled = encode_captions(pipe, captions)
+        time_ids = micro_time_ids(pipe, len(index), x0.shape[-2] * factor, x0.shape[-1] * factor, embeds, pooled)
+        loss = denoising_loss(
+            pipe.unet,
+            noise_scheduler,
+            x0,
+            mask,
+            masked,
+            embeds,
+            pooled,
+            time_ids,
+            {"dca_scale": 0.0},
+            generator,
+            x0.dtype,
+            snr_gamma=recipe.snr_gamma,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        history.append(loss.item())
+        if step % 100 == 0 or step == recipe.unet_steps - 1:
+            log(f"denoiser step {step}: loss {np.mean(history[-100:]):.4f}")
+    ema.copy_to(params)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return {"loss_first100": float(np.mean(history[:100])), "loss_last100": float(np.mean(history[-100:]))}
+
+
+def write_json(path: Path, data: dict) -> None:
+    from ..image_io import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=2).encode())
+
+
+def vae_stage(recipe: TinyRecipe) -> Path:
+    """Stage 1: the VAE, written to `<stages>/vae` (fp16, a diffusers AutoencoderKL folder) with its report."""
+    from .architecture import NATIVE_SIZE, build_tiny_components
+    from .competence import texture_energy_kept
+
+    folder = Path(recipe.stages) / "vae"
+    if (folder / "report.json").is_file():
+        log(f"vae stage already done: {folder}")
+        return folder
+    vae = build_tiny_components(seed=recipe.seed)["vae"]
+    start = time.time()
+    views = make_views(recipe, NATIVE_SIZE)
+    log(f"{len(views['pixels'])} views in {time.time() - start:.0f} s")
+    start = time.time()
+    report = train_vae(vae, views, recipe)
+    report["seconds"] = time.time() - start
+    vae.register_to_config(scaling_factor=fit_latent_scale(vae, views))
+    report["scaling_factor"] = vae.config.scaling_factor
+    report["texture_energy_kept"] = texture_energy_kept(vae)
+    log(f"vae: {report}")
+    staging = folder.with_name(folder.name + ".partial")
+    vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    write_json(staging / "report.json", report)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return folder
+
+
+def load_stage_vae(recipe: TinyRecipe):
+    """The VAE of stage 1, in float32 (frozen from here on)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(recipe.stages) / "vae"
+    if not (folder / "report.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no finished VAE stage: run the recipe's 'vae' stage first")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
+
+
+DENOISER_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def denoiser_stage(recipe: TinyRecipe) -> Path:
+    """Stage 2: one round of denoiser training, written to `<stages>/denoiser`.
+
+    Each run of the stage adds one round of `unet_steps` steps (its own warm-up and
+    cosine schedule), starting from the previous round's EMA weights, until
+    `denoiser_rounds` rounds are done: the stage fits the 90-minute limit per run and
+    still trains as long as the world needs.
+    """
+    from ..pipeline import PatchAdapterPipeline
+    from .architecture import build_tiny_components
+    from .competence import insert_accuracy
+
+    folder = Path(recipe.stages) / "denoiser"
+    report_file = folder / "report.json"
+    rounds = json.loads(report_file.read_text())["rounds"] if report_file.is_file() else []
+    if len(rounds) >= recipe.denoiser_rounds:
+        log(f"denoiser stage already done ({len(rounds)} rounds): {folder}")
+        return folder
+    components = build_tiny_components(seed=recipe.seed)
+    components["vae"] = load_stage_vae(recipe)
+    if rounds:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        components["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+        components["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", dtype=torch.float32
+        )
+    pipe = PatchAdapterPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    views = make_views(recipe, pipe.native_size)
+    start = time.time()
+    result = train_denoiser(pipe, views, dataclasses.replace(recipe, seed=recipe.seed + len(rounds)))
+    result["seconds"] = time.time() - start
+    result["insert_at_native"] = insert_accuracy(pipe, count=48, dca_scale=0.0)  # no adapters yet
+    log(f"denoiser round {len(rounds) + 1}: {result}")
+    staging = folder.with_name(folder.name + ".partial")
+    for name in DENOISER_PARTS:
+        getattr(pipe, name).to(torch.float16).save_pretrained(staging / name, safe_serialization=True)
+    write_json(staging / "report.json", {"rounds": rounds + [result]})
+    replace_folder(staging, folder)
+    return folder
+
+
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Put a finished `staging` folder in place of `folder` (the old one removed only once the new is whole)."""
+    import shutil
+
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def assemble_backbone(recipe: TinyRecipe, folder: Path) -> Path:
+    """The backbone of stages 1-2 as a diffusers folder (fp16; model_index names StableDiffusionXLInpaintPipeline)."""
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .architecture import build_tiny_components
+
+    denoiser = Path(recipe.stages) / "denoiser"
+    if not (denoiser / "report.json").is_file():
+        raise FileNotFoundError(f"{denoiser} holds no finished denoiser stage: run the recipe's 'denoiser' stage")
+    components = build_tiny_components(seed=recipe.seed)
+    components.update(
+        vae=load_stage_vae(recipe).to(torch.float16),
+        unet=UNet2DConditionModel.from_pretrained(denoiser, subfolder="unet", torch_dtype=torch.float16),
+        text_encoder=CLIPTextModel.from_pretrained(denoiser / "text_encoder", dtype=torch.float16),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(denoiser / "text_encoder_2", dtype=torch.float16),
+    )
+    StableDiffusionXLInpaintPipeline(**components).save_pretrained(folder, safe_serialization=True)
+    report = {
+        "vae": json.loads((Path(recipe.stages) / "vae" / "report.json").read_text()),
+        "denoiser": json.loads((denoiser / "report.json").read_text()),
+    }
+    write_json(folder / "recipe_report.json", report)
+    return folder
+
+
+def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
+    """Step 4-5: DCA then RPA with the adapter trainer; both merged into one adapter file."""
+    from safetensors.torch import load_file
+
+    from ..adapters import BUNDLED_ADAPTER_FILE, install_adapters, save_adapter
+    from ..backbone import load_backbone
+    from ..training.config import TrainConfig
+    from ..training.trainer import train
+    from .views import export_scene_folder
+
+    work = Path(recipe.work)
+    data = work / "scenes"
+    if not (data / "metadata.jsonl").is_file():
+        export_scene_folder(data, recipe.adapter_scenes, recipe.adapter_sizes, seed=recipe.seed + 7)
+    common = dict(
+        model=str(backbone),
+        data=str(data),
+        seed=recipe.seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        checkpointing_steps=10_000,
+    )
+    files = {"stage1": work / "stage1" / "dca.safetensors", "stage2": work / "stage2" / "rpa.safetensors"}
+    for stage, weights in files.items():
+        if not weights.is_file():
+            settings = dict(common, stage=stage, output=str(weights.parent), **getattr(recipe, stage))
+            if stage == "stage2":
+                settings["dca"] = str(files["stage1"])
+            log(f"{stage}: {train(TrainConfig(**settings))}")
+
+    components = load_backbone(str(backbone))
+    unet = components["unet"]
+    install_adapters(unet)
+    state = {**load_file(str(files["stage1"])), **load_file(str(files["stage2"]))}
+    _, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"adapter files hold keys the UNet lacks: {unexpected[:5]}")
+    path = save_adapter(backbone / BUNDLED_ADAPTER_FILE, unet, backbone_name="tiny", dtype=torch.float16)
+    log(f"adapters merged into {path}")
+    return path
+
+
+def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
+    """Train adapters again on the backbone already in `recipe.output`, keeping the others.
+
+    For a change of an adapter's design: the backbone (hours) stays, the named adapters
+    train from their initial weights, the other ones are kept from the shipped file
+    (read whatever its format version, since only the kept kinds are used).
+    """
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ..adapters import BUNDLED_ADAPTER_FILE, install_adapters, save_adapter
+    from ..backbone import load_backbone
+    from ..image_io import atomic_write
+
+    work, output = Path(recipe.work), Path(recipe.output)
+    backbone = work / "backbone"
+    if not (backbone / "model_index.json").is_file():
+        shutil.copytree(output, backbone, ignore=shutil.ignore_patterns(BUNDLED_ADAPTER_FILE))
+    shipped = load_file(str(output / BUNDLED_ADAPTER_FILE))
+    stage_of = {"dca": ("stage1", "dca.safetensors"), "rpa": ("stage2", "rpa.safetensors")}
+    for kind, (stage, name) in stage_of.items():
+        target = work / stage / name
+        if kind in kinds or target.is_file():
+            continue
+        unet = load_backbone(str(backbone))["unet"]
+        install_adapters(unet)
+        layer = "attn2" if kind == "dca" else "attn1"
+        unet.load_state_dict({k: v for k, v in shipped.items() if f".{layer}.processor." in k}, strict=False)
+        save_adapter(target, unet, kinds=(kind,), backbone_name="tiny")
+        log(f"kept the shipped {kind} in {target}")
+    path = train_adapters(recipe, backbone)
+    with open(path, "rb") as source, atomic_write(output / BUNDLED_ADAPTER_FILE) as target:
+        shutil.copyfileobj(source, target)
+    log(f"adapters in {output / BUNDLED_ADAPTER_FILE}")
+    return output / BUNDLED_ADAPTER_FILE
+
+
+def adapters_stage(recipe: TinyRecipe) -> Path:
+    """Stage 3: DCA then RPA on the assembled backbone; then the shipped folder (`output`) is replaced whole.
+
+    The adapter file is kept in `<stages>/adapters` too, so an interrupted copy can be redone.
+    """
+    import shutil
+
+    from ..adapters import BUNDLED_ADAPTER_FILE
+    from ..image_io import atomic_write
+
+    kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
+    backbone = Path(recipe.work) / "backbone"
+    if not (backbone / "model_index.json").is_file():
+        assemble_backbone(recipe, backbone)
+    if not kept.is_file():
+        trained = train_adapters(recipe, backbone)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with open(trained, "rb") as source, atomic_write(kept) as target:
+            shutil.copyfileobj(source, target)
+    output = Path(recipe.output)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(backbone, staging, ignore=shutil.ignore_patterns(BUNDLED_ADAPTER_FILE))
+    shutil.copyfile(kept, staging / BUNDLED_ADAPTER_FILE)
+    replace_folder(staging, output)
+    log(f"tiny backbone and adapters in {output}")
+    return output
+
+
+STAGES = {"vae": vae_stage, "denoiser": denoiser_stage, "adapters": adapters_stage}
+"""The recipe's stages in order; each writes its result into the package and is skipped once done."""
+
+
+def train_tiny(recipe: TinyRecipe, stages=tuple(STAGES)) -> Path:
+    """The named stages in order (all by default); returns the last one's folder."""
+    start = time.time()
+    for name in stages:
+        folder = STAGES[name](recipe)
+        if name == "denoiser":  # one run adds one round; the whole recipe runs them all
+            while len(json.loads((folder / "report.json").read_text())["rounds"]) < recipe.denoiser_rounds:
+                folder = denoiser_stage(recipe)
+        log(f"stage {name} done after {(time.time() - start) / 60:.1f} min: {folder}")
+    return folder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(TinyRecipe):
+        if field.type in ("int", "float", "str"):
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type={"int": int, "float": float}.get(field.type, str),
+                default=getattr(TinyRecipe(), field.name),
+            )
+    parser.add_argument(
+        "--retrain",
+        default=None,
+        choices=["rpa", "dca", "adapters"],
+        help="train only these adapters again on the backbone already in --output",
+    )
+    parser.add_argument(
+        "--stage", default=None, choices=list(STAGES), help="run only this stage (one round of the denoiser's)"
+    )
+    args = parser.parse_args(argv)
+    retrain = args.__dict__.pop("retrain")
+    stage = args.__dict__.pop("stage")
+    recipe = TinyRecipe(**vars(args))
+    torch.set_num_threads(recipe.threads)
+    if stage:
+        STAGES[stage](recipe)
+    elif retrain:
+        retrain_adapters(recipe, ("dca", "rpa") if retrain == "adapters" else (retrain,))
+    else:
+        train_tiny(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
