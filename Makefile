@@ -68,14 +68,10 @@ retrain-rpa:
 	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny-rpa --retrain rpa --threads 1
 
 # the quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
-# (about 12 + 30 minutes on 2 cores)
+# (about 13 + 50 minutes on 2 cores, from the last run's per-task times; direct takes 18 s a task at 1024x1024)
 quality:
 	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 512x512 --steps 10 --workers 2 --json build/quality/q512.json
-	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json \
-		--methods patch-adapter,resize,crop,tiled,two-stage,no-dca,no-rpa
-	$(PY) benchmarks/quality.py --seed 0 --count 60 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json \
-		--methods direct  # 18 s a task at 1024x1024: 60 tasks, not 200
-	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --json build/quality/q1024.json --summarize-only
+	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -122,6 +122,7 @@ def smoke_recipe(tmp_path, **changes):
         vae_batch=2,
         unet_steps=3,
         unet_batch=2,
+        competence_tasks=2,
         adapter_scenes=2,
         adapter_sizes=(256,),
         stage1={"max_steps": 2},
@@ -198,3 +199,23 @@ def test_the_core_never_imports_the_tiny_world():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_the_committed_vae_stage_is_what_its_report_says():
+    """The recipe's VAE stage in the package: its texture figure recomputes, and it draws texture the shipped VAE flattens."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    import patch_adapter.tiny_world as world
+    from patch_adapter.backbone import tiny_weights_dir
+    from patch_adapter.tiny_world.competence import texture_energy_kept
+
+    stage = Path(world.__file__).parent / "stages" / "vae"
+    report = json.loads((stage / "report.json").read_text())
+    vae = AutoencoderKL.from_pretrained(stage, torch_dtype=torch.float32).eval()
+    kept = texture_energy_kept(vae)
+    assert kept["round_trip"] == pytest.approx(report["texture_energy_kept"]["round_trip"], abs=0.01)
+    assert kept["down_up_4x"] <= 0.1
+    shipped = AutoencoderKL.from_pretrained(tiny_weights_dir(), subfolder="vae", torch_dtype=torch.float32).eval()
+    assert kept["round_trip"] > 20 * texture_energy_kept(shipped, count=8)["round_trip"]  # measured 0.16 vs 6e-5

@@ -57,13 +57,14 @@ class TinyRecipe:
     vae_energy_start: float = 0.4  # share of the steps before it starts
     vae_energy_full: float = 0.7  # share of the steps at which it reaches its weight
     # 2. denoiser
-    unet_steps: int = 8000
+    unet_steps: int = 6000  # with encoding the views (15 min), a round takes about 75 min on 2 cores
     unet_batch: int = 32
     unet_lr: float = 6e-4
     unet_warmup: int = 200
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0  # Min-SNR loss weighting (None: plain MSE, as the first recipe)
     ema_decay: float = 0.999
+    competence_tasks: int = 48  # native-size inserts read back after each round (competence.insert_accuracy)
     denoiser_rounds: int = 2  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
     # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
     adapter_scenes: int = 300
@@ -201,14 +202,33 @@ def encode_views(pipe, views: dict, batch: int = 64) -> tuple[torch.Tensor, torc
     return torch.cat(targets), torch.cat(masked)
 
 
-def train_denoiser(pipe, views: dict, recipe: TinyRecipe) -> dict:
-    """The UNet and both text encoders on the noise-prediction loss; EMA weights end up in `pipe`."""
+def cached_latents(pipe, views: dict, recipe: TinyRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_views`, kept in the work folder per views and VAE (encoding 16,000 views takes 15 minutes on 2 cores)."""
+    import hashlib
+
+    from .views import VIEWS_VERSION
+
+    weights = hashlib.sha1(b"".join(t.numpy().tobytes() for t in pipe.vae.state_dict().values())).hexdigest()[:12]
+    cache = Path(recipe.work) / f"latents_v{VIEWS_VERSION}_{recipe.views}_{recipe.seed}_{weights}.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    encoded = encode_views(pipe, views)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(encoded, cache)
+    return encoded
+
+
+def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded=None) -> dict:
+    """The UNet and both text encoders on the noise-prediction loss; EMA weights end up in `pipe`.
+
+    `encoded`: the views' (latents, masked latents) if already at hand (`cached_latents`).
+    """
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     from ..training.trainer import denoising_loss, encode_captions, micro_time_ids, stage_latent_mask
 
-    latents, masked_latents = encode_views(pipe, views)
+    latents, masked_latents = encoded if encoded is not None else encode_views(pipe, views)
     log(f"encoded {len(latents)} views: latent std {latents.std():.3f}")
     masks = torch.from_numpy(views["mask"])[:, None].float()
     prompts = views["prompt"]
@@ -345,9 +365,10 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     pipe.set_progress_bar_config(disable=True)
     views = make_views(recipe, pipe.native_size)
     start = time.time()
-    result = train_denoiser(pipe, views, dataclasses.replace(recipe, seed=recipe.seed + len(rounds)))
+    encoded = cached_latents(pipe, views, recipe)
+    result = train_denoiser(pipe, views, dataclasses.replace(recipe, seed=recipe.seed + len(rounds)), encoded)
     result["seconds"] = time.time() - start
-    result["insert_at_native"] = insert_accuracy(pipe, count=48, dca_scale=0.0)  # no adapters yet
+    result["insert_at_native"] = insert_accuracy(pipe, count=recipe.competence_tasks, dca_scale=0.0)  # no adapters yet
     log(f"denoiser round {len(rounds) + 1}: {result}")
     staging = folder.with_name(folder.name + ".partial")
     for name in DENOISER_PARTS:
