@@ -315,3 +315,9 @@ def test_stock_pipeline_from_ours_shares_and_computes_stock(maker, trained, stoc
     # the shared UNet keeps the (trained) adapters; without their call arguments they are stock attention
     assert adapter_state_dict(stock.unet)
     assert np.array_equal(stock_inpaint(stock), stock_output)
+
+
+def test_a_missing_tiny_folder_is_refused_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCH_ADAPTER_TINY_WEIGHTS", str(tmp_path))  # an empty folder: no model_index.json
+    with pytest.raises(BackboneLoadError, match="make train-tiny"):
+        PatchAdapterPipeline.from_pretrained("tiny")

@@ -40,7 +40,7 @@ def tiny_configs() -> dict:
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),  # trained, it still flattens 1-2 px texture (tiny_backbone.py)
+            block_out_channels=(32, 32, 64, 64),  # its texture: docs/tiny-world-probe.md
             layers_per_block=1,
             norm_num_groups=8,
             latent_channels=4,

@@ -62,11 +62,11 @@ class TinyRecipe:
     unet_lr: float = 6e-4
     unet_warmup: int = 200
     caption_dropout: float = 0.1
-    snr_gamma: float = 5.0  # Min-SNR loss weighting (None: plain MSE, as the first recipe)
+    snr_gamma: float = 5.0  # Min-SNR loss weighting (0: plain MSE, as the first recipe)
     ema_decay: float = 0.999
     competence_tasks: int = 48  # native-size inserts read back after each round (competence.insert_accuracy)
     denoiser_rounds: int = 2  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
-    # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
+    # 3. adapters (the adapter trainer; any TrainConfig key can be added to these)
     adapter_scenes: int = 300
     adapter_sizes: tuple = (512, 1024)  # 4x and 8x native
     stage1: dict = dataclasses.field(
@@ -265,7 +265,7 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded=None) -> dict:
             {"dca_scale": 0.0},
             generator,
             x0.dtype,
-            snr_gamma=recipe.snr_gamma,
+            snr_gamma=recipe.snr_gamma or None,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,6 +292,7 @@ def vae_stage(recipe: TinyRecipe) -> Path:
     """Stage 1: the VAE, written to `<stages>/vae` (fp16, a diffusers AutoencoderKL folder) with its report."""
     from .architecture import NATIVE_SIZE, build_tiny_components
     from .competence import texture_energy_kept
+    from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "vae"
     if (folder / "report.json").is_file():
@@ -307,6 +308,7 @@ def vae_stage(recipe: TinyRecipe) -> Path:
     vae.register_to_config(scaling_factor=fit_latent_scale(vae, views))
     report["scaling_factor"] = vae.config.scaling_factor
     report["texture_energy_kept"] = texture_energy_kept(vae)
+    report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"vae: {report}")
     staging = folder.with_name(folder.name + ".partial")
     vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
@@ -343,6 +345,7 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     from ..pipeline import PatchAdapterPipeline
     from .architecture import build_tiny_components
     from .competence import insert_accuracy
+    from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "denoiser"
     report_file = folder / "report.json"
@@ -369,6 +372,7 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     result = train_denoiser(pipe, views, dataclasses.replace(recipe, seed=recipe.seed + len(rounds)), encoded)
     result["seconds"] = time.time() - start
     result["insert_at_native"] = insert_accuracy(pipe, count=recipe.competence_tasks, dca_scale=0.0)  # no adapters yet
+    result["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"denoiser round {len(rounds) + 1}: {result}")
     staging = folder.with_name(folder.name + ".partial")
     for name in DENOISER_PARTS:
