@@ -310,14 +310,10 @@ def vae_stage(recipe: TinyRecipe) -> Path:
     report["texture_energy_kept"] = texture_energy_kept(vae)
     report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"vae: {report}")
-    staging = folder.with_name(folder.name + ".partial")
+    staging = fresh_staging(folder)
     vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
     write_json(staging / "report.json", report)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    staging.rename(folder)
+    replace_folder(staging, folder)
     return folder
 
 
@@ -374,12 +370,21 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     result["insert_at_native"] = insert_accuracy(pipe, count=recipe.competence_tasks, dca_scale=0.0)  # no adapters yet
     result["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"denoiser round {len(rounds) + 1}: {result}")
-    staging = folder.with_name(folder.name + ".partial")
+    staging = fresh_staging(folder)
     for name in DENOISER_PARTS:
         getattr(pipe, name).to(torch.float16).save_pretrained(staging / name, safe_serialization=True)
     write_json(staging / "report.json", {"rounds": rounds + [result]})
     replace_folder(staging, folder)
     return folder
+
+
+def fresh_staging(folder: Path) -> Path:
+    """An empty `<folder>.partial` to write a stage's result into (what an interrupted run left there is removed)."""
+    import shutil
+
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
 
 
 def replace_folder(staging: Path, folder: Path) -> None:
@@ -513,15 +518,14 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
     backbone = Path(recipe.work) / "backbone"
     if not (backbone / "model_index.json").is_file():
-        assemble_backbone(recipe, backbone)
+        replace_folder(assemble_backbone(recipe, fresh_staging(backbone)), backbone)
     if not kept.is_file():
         trained = train_adapters(recipe, backbone)
         kept.parent.mkdir(parents=True, exist_ok=True)
         with open(trained, "rb") as source, atomic_write(kept) as target:
             shutil.copyfileobj(source, target)
     output = Path(recipe.output)
-    staging = output.with_name(output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = fresh_staging(output)
     shutil.copytree(backbone, staging, ignore=shutil.ignore_patterns(BUNDLED_ADAPTER_FILE))
     shutil.copyfile(kept, staging / BUNDLED_ADAPTER_FILE)
     replace_folder(staging, output)
