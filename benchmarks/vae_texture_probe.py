@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 def crops(count: int, seed: int, size: int = 64) -> torch.Tensor:
     """(count, 3, size, size) in [-1, 1]: one random crop of each of `count` scene views."""
-    from patch_adapter.image_io import to_float, to_model_range
+    from patch_adapter.tiny_world.recipe import model_batch
     from patch_adapter.tiny_world.views import scene_view
 
     rng = np.random.default_rng(seed)
@@ -35,27 +35,20 @@ def crops(count: int, seed: int, size: int = 64) -> torch.Tensor:
         pixels = scene_view(seed * 1_000_003 + i, 128).pixels
         top, left = rng.integers(0, 128 - size + 1, 2)
         out.append(pixels[top : top + size, left : left + size])
-    return to_model_range(torch.from_numpy(to_float(np.stack(out))).permute(0, 3, 1, 2))
-
-
-def laplacian(x: torch.Tensor) -> torch.Tensor:
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-    return F.conv2d(x, kernel.repeat(x.shape[1], 1, 1, 1).to(x), groups=x.shape[1])
-
-
-def block_energy(x: torch.Tensor) -> torch.Tensor:
-    return F.avg_pool2d(laplacian(x) ** 2, 8)
+    return model_batch(np.stack(out))
 
 
 def loss_of(kind: str, reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float) -> torch.Tensor:
-    loss = F.l1_loss(reconstruction, x) + F.l1_loss(laplacian(reconstruction), laplacian(x))
-    if kind == "energy":
-        loss = loss + energy_weight * F.l1_loss(block_energy(reconstruction).sqrt(), block_energy(x).sqrt())
-    return loss
+    """The recipe's VAE loss; "copy" is it without the block-energy term."""
+    from patch_adapter.tiny_world.recipe import vae_loss
+
+    return vae_loss(reconstruction, x, energy_weight if kind == "energy" else 0.0)[0]
 
 
 @torch.no_grad()
 def scores(vae, held_out: torch.Tensor) -> dict:
+    from patch_adapter.tiny_world.competence import laplacian
+
     reconstruction = vae.decode(vae.encode(held_out).latent_dist.mode()).sample.clamp(-1, 1)
     down_up = F.interpolate(F.interpolate(held_out, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
     truth, ours = laplacian(held_out), laplacian(reconstruction)

@@ -108,6 +108,18 @@ def shape_scores(coverage: np.ndarray) -> dict[str, float]:
     return scores
 
 
+def masked_window(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """What the readers look at: (mask, chroma, background chroma) over the mask's bounding box; None if empty."""
+    box = mask_bbox(mask)
+    if box is None:
+        return None
+    top, left, bottom, right = box
+    window = (slice(top, bottom), slice(left, right))
+    inside = mask[window]
+    window_chroma = chroma(image[window])
+    return inside, window_chroma, background_chroma(window_chroma[inside])
+
+
 SMALLEST_PIECE = 0.1
 """A coloured piece counts as an object when it has at least this share of the largest piece's pixels."""
 
@@ -122,14 +134,10 @@ def count_objects(image: np.ndarray, mask: np.ndarray) -> int:
     """
     import cv2
 
-    box = mask_bbox(mask)
-    if box is None:
+    window = masked_window(image, mask)
+    if window is None:
         return 0
-    top, left, bottom, right = box
-    window = (slice(top, bottom), slice(left, right))
-    inside = mask[window]
-    window_chroma = chroma(image[window])
-    background = background_chroma(window_chroma[inside])
+    inside, window_chroma, background = window
     coloured = object_pixels(window_chroma, background) & inside
     if coloured.sum() < MIN_OBJECT_PIXELS:
         return 0
@@ -144,14 +152,10 @@ def detect_object(image: np.ndarray, mask: np.ndarray) -> tuple[str | None, str 
 
     image: (H, W, 3) uint8; mask: (H, W) bool. Only the mask's bounding box is read.
     """
-    box = mask_bbox(mask)
-    if box is None:
+    window = masked_window(image, mask)
+    if window is None:
         return None, None
-    top, left, bottom, right = box
-    window = (slice(top, bottom), slice(left, right))
-    inside = mask[window]
-    window_chroma = chroma(image[window])
-    background = background_chroma(window_chroma[inside])
+    inside, window_chroma, background = window
     votes = colour_votes(window_chroma[inside], background)
     if votes.max() < max(MIN_OBJECT_PIXELS, 0.002 * inside.sum()):
         return None, None

@@ -17,6 +17,15 @@ NATIVE_SIZE = 128
 def tiny_configs() -> dict:
     """Configs of the tiny backbone: SDXL-inpainting's structure at small widths."""
     text_dim, pooled_dim, time_dim = 32, 32, 8
+    text_encoder = dict(
+        hidden_size=text_dim,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=pooled_dim,
+        hidden_act="gelu",
+    )
     return {
         "unet": dict(
             sample_size=NATIVE_SIZE // 8,
@@ -48,24 +57,8 @@ def tiny_configs() -> dict:
             scaling_factor=0.13025,
             force_upcast=False,  # fp32 VAE; SDXL's fp16 VAE is upcast by the pipeline
         ),
-        "text_encoder": dict(
-            hidden_size=text_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=pooled_dim,
-            hidden_act="gelu",
-        ),
-        "text_encoder_2": dict(
-            hidden_size=text_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=pooled_dim,
-            hidden_act="gelu",
-        ),
+        "text_encoder": dict(text_encoder),
+        "text_encoder_2": dict(text_encoder),  # the same size (SDXL's second encoder is larger)
         # SDXL-inpainting's scheduler settings.
         "scheduler": dict(
             num_train_timesteps=1000,

@@ -22,11 +22,16 @@ def textured_backgrounds(count: int, side: int, seed: int = 0) -> np.ndarray:
     return np.stack([render_scene(Scene(side, side, random_background(rng))) for _ in range(count)])
 
 
+def laplacian(x: torch.Tensor) -> torch.Tensor:
+    """4-neighbour Laplacian of each channel of (B, C, H, W), without padding: (B, C, H - 2, W - 2)."""
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
+    kernel = kernel.view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(x, kernel, groups=x.shape[1])
+
+
 def laplacian_energy(pixels: torch.Tensor) -> torch.Tensor:
     """Mean squared 4-neighbour Laplacian of the grey image, per picture: (B, 3, H, W) -> (B,)."""
-    grey = pixels.mean(dim=1, keepdim=True)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=grey.dtype).view(1, 1, 3, 3)
-    return (F.conv2d(grey, kernel) ** 2).mean(dim=(1, 2, 3))
+    return (laplacian(pixels.mean(dim=1, keepdim=True)) ** 2).mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image_io import to_float, to_model_range
+from .competence import laplacian
 
 
 @dataclass
@@ -114,12 +115,6 @@ def make_views(recipe: TinyRecipe, native: int) -> dict:
 def model_batch(pixels: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], the VAE's input."""
     return to_model_range(torch.from_numpy(to_float(pixels)).permute(0, 3, 1, 2))
-
-
-def laplacian(x: torch.Tensor) -> torch.Tensor:
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
-    kernel = kernel.view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1)
-    return F.conv2d(x, kernel, groups=x.shape[1])
 
 
 def block_energy(x: torch.Tensor, block: int = 8) -> torch.Tensor:
@@ -281,6 +276,16 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded=None) -> dict:
     return {"loss_first100": float(np.mean(history[:100])), "loss_last100": float(np.mean(history[-100:]))}
 
 
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy a file so that `target` is either the old file or the whole new one, never a part."""
+    import shutil
+
+    from ..image_io import atomic_write
+
+    with open(source, "rb") as reading, atomic_write(target) as writing:
+        shutil.copyfileobj(reading, writing)
+
+
 def write_json(path: Path, data: dict) -> None:
     from ..image_io import atomic_write
 
@@ -330,6 +335,18 @@ def load_stage_vae(recipe: TinyRecipe):
 DENOISER_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
+def load_denoiser(folder: Path, dtype: torch.dtype) -> dict:
+    """The UNet and both text encoders of a denoiser round, as components."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype),
+    }
+
+
 def denoiser_stage(recipe: TinyRecipe) -> Path:
     """Stage 2: one round of denoiser training, written to `<stages>/denoiser`.
 
@@ -352,14 +369,7 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     components = build_tiny_components(seed=recipe.seed)
     components["vae"] = load_stage_vae(recipe)
     if rounds:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        components["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
-        components["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
-        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-            folder / "text_encoder_2", dtype=torch.float32
-        )
+        components.update(load_denoiser(folder, torch.float32))
     pipe = PatchAdapterPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     views = make_views(recipe, pipe.native_size)
@@ -401,8 +411,7 @@ def replace_folder(staging: Path, folder: Path) -> None:
 
 def assemble_backbone(recipe: TinyRecipe, folder: Path) -> Path:
     """The backbone of stages 1-2 as a diffusers folder (fp16; model_index names StableDiffusionXLInpaintPipeline)."""
-    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLInpaintPipeline
 
     from .architecture import build_tiny_components
 
@@ -410,12 +419,7 @@ def assemble_backbone(recipe: TinyRecipe, folder: Path) -> Path:
     if not (denoiser / "report.json").is_file():
         raise FileNotFoundError(f"{denoiser} holds no finished denoiser stage: run the recipe's 'denoiser' stage")
     components = build_tiny_components(seed=recipe.seed)
-    components.update(
-        vae=load_stage_vae(recipe).to(torch.float16),
-        unet=UNet2DConditionModel.from_pretrained(denoiser, subfolder="unet", torch_dtype=torch.float16),
-        text_encoder=CLIPTextModel.from_pretrained(denoiser / "text_encoder", dtype=torch.float16),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(denoiser / "text_encoder_2", dtype=torch.float16),
-    )
+    components.update(load_denoiser(denoiser, torch.float16), vae=load_stage_vae(recipe).to(torch.float16))
     StableDiffusionXLInpaintPipeline(**components).save_pretrained(folder, safe_serialization=True)
     report = {
         "vae": json.loads((Path(recipe.stages) / "vae" / "report.json").read_text()),
@@ -480,7 +484,6 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
 
     from ..adapters import BUNDLED_ADAPTER_FILE, install_adapters, save_adapter
     from ..backbone import load_backbone
-    from ..image_io import atomic_write
 
     work, output = Path(recipe.work), Path(recipe.output)
     backbone = work / "backbone"
@@ -499,8 +502,7 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
         save_adapter(target, unet, kinds=(kind,), backbone_name="tiny")
         log(f"kept the shipped {kind} in {target}")
     path = train_adapters(recipe, backbone)
-    with open(path, "rb") as source, atomic_write(output / BUNDLED_ADAPTER_FILE) as target:
-        shutil.copyfileobj(source, target)
+    copy_atomically(path, output / BUNDLED_ADAPTER_FILE)
     log(f"adapters in {output / BUNDLED_ADAPTER_FILE}")
     return output / BUNDLED_ADAPTER_FILE
 
@@ -513,7 +515,6 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     import shutil
 
     from ..adapters import BUNDLED_ADAPTER_FILE
-    from ..image_io import atomic_write
 
     kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
     backbone = Path(recipe.work) / "backbone"
@@ -522,8 +523,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     if not kept.is_file():
         trained = train_adapters(recipe, backbone)
         kept.parent.mkdir(parents=True, exist_ok=True)
-        with open(trained, "rb") as source, atomic_write(kept) as target:
-            shutil.copyfileobj(source, target)
+        copy_atomically(trained, kept)
     output = Path(recipe.output)
     staging = fresh_staging(output)
     shutil.copytree(backbone, staging, ignore=shutil.ignore_patterns(BUNDLED_ADAPTER_FILE))
