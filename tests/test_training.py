@@ -325,3 +325,34 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # written once, by the main process
     assert (tmp_path / "stdout.txt").read_text().count("trained 2 steps") == 1
+
+
+def test_mask_weight_adds_the_error_inside_the_mask():
+    """`denoising_loss(mask_weight=w)` is the whole-latent MSE plus w times the MSE inside the mask."""
+    from diffusers import DDPMScheduler
+
+    from patch_adapter.training.trainer import denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :2, :4] = 1  # a small mask in the first sample, none in the second
+    prediction = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def unet(*args, **kwargs):
+        return (prediction,)
+
+    def loss(weight):
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        value = denoising_loss(
+            unet, scheduler, latents, mask, latents, None, None, None, {}, generator, torch.float32, mask_weight=weight
+        )
+        return value, (prediction - noise) ** 2
+
+    plain, error = loss(0.0)
+    assert plain == pytest.approx(error.mean().item(), rel=1e-6)  # as before: the whole-latent MSE
+    weighted, _ = loss(3.0)
+    inside = error[0][:, :2, :4].mean().item()  # the second sample has no mask: it adds nothing
+    assert weighted.item() == pytest.approx(error.mean().item() + 3.0 * inside / 2, rel=1e-6)
+    assert weighted.item() > plain.item() + 0.1

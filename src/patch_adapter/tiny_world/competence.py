@@ -91,6 +91,52 @@ def insert_accuracy(pipe, count: int = 48, seed: int = 0, steps: int = 20, **set
     return {"accuracy": right / count, "colour": colour / count, "single_object": single / count, "n": count}
 
 
+@torch.no_grad()
+def mask_errors(pipe, latents, masked_latents, masks, prompts, timesteps=(100, 300, 500, 700, 900), seed=0) -> dict:
+    """The UNet's noise-prediction error inside and outside the lessons' masks, per timestep and caption.
+
+    Why inserts fail, in two numbers: outside the mask the answer can be copied from the
+    masked latents, inside it must be drawn; and a model that uses its caption errs less
+    inside the mask with the lesson's own caption than with none or another lesson's.
+    `latents`, `masked_latents`: (B, 4, h, w) as the recipe encodes them; `masks`: the
+    (B, 1, H, W) pixel masks; `prompts`: one caption each. Returns {"timesteps": [...],
+    "caption" | "no_caption" | "other_caption": {"inside": [...], "outside": [...]}}.
+    """
+    from diffusers import DDPMScheduler
+
+    from ..training.trainer import encode_captions, micro_time_ids, stage_latent_mask
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    factor = pipe.vae_scale_factor
+    mask = stage_latent_mask(masks.float(), "stage2", factor)
+    inside_share = mask.expand(-1, latents.shape[1], -1, -1)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    prompts = list(prompts)
+    captions = {"caption": prompts, "no_caption": [""] * len(prompts), "other_caption": prompts[1:] + prompts[:1]}
+    result = {"timesteps": list(timesteps)}
+    for kind, texts in captions.items():
+        embeds, pooled = encode_captions(pipe, texts)
+        time_ids = micro_time_ids(
+            pipe, len(texts), latents.shape[-2] * factor, latents.shape[-1] * factor, embeds, pooled
+        )
+        inside, outside = [], []
+        for t in timesteps:
+            step = torch.full((len(texts),), t)
+            prediction = pipe.unet(
+                torch.cat([scheduler.add_noise(latents, noise, step), mask, masked_latents], dim=1),
+                step,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                cross_attention_kwargs={"dca_scale": 0.0},
+                return_dict=False,
+            )[0]
+            error = (prediction.float() - noise) ** 2
+            inside.append(float((error * inside_share).sum() / inside_share.sum().clamp_min(1)))
+            outside.append(float((error * (1 - inside_share)).sum() / (1 - inside_share).sum().clamp_min(1)))
+        result[kind] = {"inside": inside, "outside": outside}
+    return result
+
+
 def main(argv=None) -> int:
     """Print the competence figures of a tiny backbone folder (default: the shipped one)."""
     import argparse

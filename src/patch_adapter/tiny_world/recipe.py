@@ -11,7 +11,8 @@ time, each at most 90 minutes on 2 cores, and each skipped once done:
    Written to `stages/vae` with its texture figures (`competence.texture_energy_kept`).
 2. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
    the Min-SNR-weighted noise-prediction loss over the views' insert / remove / repaint
-   lessons (`views`); EMA weights are kept. One run adds one round of `unet_steps`
+   lessons (`views`), with the error inside each lesson's mask counted once more
+   (`mask_weight`); EMA weights are kept. One run adds one round of `unet_steps`
    steps from the last round's weights, up to `denoiser_rounds`; each round's report
    holds the inserts read back at native size (`competence.insert_accuracy`).
 3. adapters: the backbone of stages 1-2 as a diffusers folder (fp16; its model_index
@@ -64,6 +65,7 @@ class TinyRecipe:
     unet_warmup: int = 200
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0  # Min-SNR loss weighting (0: plain MSE, as the first recipe)
+    mask_weight: float = 1.0  # extra weight of the error inside the lesson's mask (`denoising_loss`)
     ema_decay: float = 0.999
     competence_tasks: int = 48  # native-size inserts read back after each round (competence.insert_accuracy)
     denoiser_rounds: int = 2  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
@@ -261,6 +263,7 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded=None) -> dict:
             generator,
             x0.dtype,
             snr_gamma=recipe.snr_gamma or None,
+            mask_weight=recipe.mask_weight,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -357,7 +360,7 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     """
     from ..pipeline import PatchAdapterPipeline
     from .architecture import build_tiny_components
-    from .competence import insert_accuracy
+    from .competence import insert_accuracy, mask_errors
     from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "denoiser"
@@ -378,6 +381,9 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     result = train_denoiser(pipe, views, dataclasses.replace(recipe, seed=recipe.seed + len(rounds)), encoded)
     result["seconds"] = time.time() - start
     result["insert_at_native"] = insert_accuracy(pipe, count=recipe.competence_tasks, dca_scale=0.0)  # no adapters yet
+    shown = slice(0, recipe.competence_tasks)  # the first views: what the round learnt, inside the masks and outside
+    masks = torch.from_numpy(views["mask"][shown])[:, None]
+    result["mask_errors"] = mask_errors(pipe, encoded[0][shown], encoded[1][shown], masks, views["prompt"][shown])
     result["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"denoiser round {len(rounds) + 1}: {result}")
     staging = fresh_staging(folder)

@@ -238,12 +238,16 @@ def denoising_loss(
     generator: torch.Generator,
     dtype: torch.dtype,
     snr_gamma: float | None = None,
+    mask_weight: float = 0.0,
 ) -> torch.Tensor:
     """The backbone's loss on clean latents: noise them at random timesteps, predict, MSE to the target.
 
     Shared by the adapter trainer and the tiny world's recipe, which trains the UNet itself.
     `snr_gamma` weights each sample by min(SNR, gamma) / SNR (Hang et al. 2023, "Min-SNR"),
     for epsilon prediction: the nearly clean timesteps, which teach little, stop dominating.
+    `mask_weight` adds that many times the sample's mean error inside its mask: outside
+    the mask the answer can be copied from the masked latents, and a small model trained
+    on the whole-picture mean spends its few steps learning the copy, not the fill.
     """
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
@@ -264,15 +268,21 @@ def denoising_loss(
         cross_attention_kwargs=attention_kwargs,
         return_dict=False,
     )[0]
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = error.mean(dim=(1, 2, 3))
+    if mask_weight:
+        inside = mask_latents.float().expand_as(error)
+        per_sample = per_sample + mask_weight * (error * inside).sum(dim=(1, 2, 3)) / inside.sum(
+            dim=(1, 2, 3)
+        ).clamp_min(1)
     if snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
+        return per_sample.mean()
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
     weight = torch.clamp(snr, max=snr_gamma) / snr
     if noise_scheduler.config.prediction_type == "v_prediction":
         weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight.float()).mean()
 
 
