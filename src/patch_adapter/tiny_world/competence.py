@@ -104,7 +104,7 @@ def mask_errors(pipe, latents, masked_latents, masks, prompts, timesteps=(100, 3
     """
     from diffusers import DDPMScheduler
 
-    from ..training.trainer import encode_captions, micro_time_ids, stage_latent_mask
+    from ..training.trainer import encode_captions, micro_time_ids, predict_noise, stage_latent_mask
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     factor = pipe.vae_scale_factor
@@ -122,14 +122,10 @@ def mask_errors(pipe, latents, masked_latents, masks, prompts, timesteps=(100, 3
         inside, outside = [], []
         for t in timesteps:
             step = torch.full((len(texts),), t)
-            prediction = pipe.unet(
-                torch.cat([scheduler.add_noise(latents, noise, step), mask, masked_latents], dim=1),
-                step,
-                encoder_hidden_states=embeds,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                cross_attention_kwargs={"dca_scale": 0.0},
-                return_dict=False,
-            )[0]
+            noisy = scheduler.add_noise(latents, noise, step)
+            prediction = predict_noise(
+                pipe.unet, noisy, mask, masked_latents, step, embeds, pooled, time_ids, {"dca_scale": 0.0}
+            )
             error = (prediction.float() - noise) ** 2
             inside.append(float((error * inside_share).sum() / inside_share.sum().clamp_min(1)))
             outside.append(float((error * (1 - inside_share)).sum() / (1 - inside_share).sum().clamp_min(1)))

@@ -215,17 +215,17 @@ def cached_latents(pipe, views: dict, recipe: TinyRecipe) -> tuple[torch.Tensor,
     return encoded
 
 
-def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded=None) -> dict:
+def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """The UNet and both text encoders on the noise-prediction loss; EMA weights end up in `pipe`.
 
-    `encoded`: the views' (latents, masked latents) if already at hand (`cached_latents`).
+    `encoded`: the views' (latents, masked latents), from `cached_latents`.
     """
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     from ..training.trainer import denoising_loss, encode_captions, micro_time_ids, stage_latent_mask
 
-    latents, masked_latents = encoded if encoded is not None else encode_views(pipe, views)
+    latents, masked_latents = encoded
     log(f"encoded {len(latents)} views: latent std {latents.std():.3f}")
     masks = torch.from_numpy(views["mask"])[:, None].float()
     prompts = views["prompt"]

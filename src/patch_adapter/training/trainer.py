@@ -225,6 +225,21 @@ def training_loss(
     )
 
 
+def predict_noise(
+    unet, noisy, mask_latents, masked_latents, timesteps, embeds, pooled, time_ids, attention_kwargs: dict
+) -> torch.Tensor:
+    """The inpainting UNet's prediction for noisy latents: its 9-channel input (noisy, mask, masked picture)."""
+    model_input = torch.cat([noisy, mask_latents, masked_latents], dim=1).to(noisy.dtype)  # (B, 9, h, w)
+    return unet(
+        model_input,
+        timesteps,
+        encoder_hidden_states=embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        cross_attention_kwargs=attention_kwargs,
+        return_dict=False,
+    )[0]
+
+
 def denoising_loss(
     unet,
     noise_scheduler,
@@ -259,15 +274,9 @@ def denoising_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:  # epsilon, as SDXL-inpainting
         target = noise
-    model_input = torch.cat([noisy, mask_latents, masked_latents], dim=1).to(dtype)  # (B, 9, h, w)
-    prediction = unet(
-        model_input,
-        timesteps,
-        encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-        cross_attention_kwargs=attention_kwargs,
-        return_dict=False,
-    )[0]
+    prediction = predict_noise(
+        unet, noisy.to(dtype), mask_latents, masked_latents, timesteps, embeds, pooled, time_ids, attention_kwargs
+    )
     error = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = error.mean(dim=(1, 2, 3))
     if mask_weight:
