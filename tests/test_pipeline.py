@@ -231,6 +231,17 @@ def test_text_to_image_unet_is_refused():
         check_inpainting_backbone(components, "sdxl-base")
 
 
+def test_the_inpainting_input_follows_the_vaes_latent_channels():
+    """2 x latent channels + 1: 9 for SDXL's VAE, 33 for a 16-channel one; a UNet and VAE that disagree are refused."""
+    components = load_backbone("tiny")
+    components["vae"].register_to_config(latent_channels=16)
+    components["unet"].register_to_config(in_channels=33, out_channels=16)
+    assert check_inpainting_backbone(components, "16 channels") is components
+    components["unet"].register_to_config(in_channels=9, out_channels=4)
+    with pytest.raises(BackboneLoadError, match="predicts 4 channels but a VAE with 16"):
+        check_inpainting_backbone(components, "mixed")
+
+
 @pytest.mark.parametrize("method", ["patch-adapter", "tiled"])
 def test_batched_patches_agree_with_one_at_a_time(pipe, method):
     image, mask = random_image(300, 420, seed=13), two_masks(300, 420)

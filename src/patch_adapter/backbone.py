@@ -188,12 +188,21 @@ def load_backbone(
 
 
 def check_inpainting_backbone(components: dict, source: str) -> dict:
-    """Refuse text-to-image UNets: the method needs the 9-channel inpainting input."""
-    in_channels = components["unet"].config.in_channels
-    if in_channels != 9:
+    """Refuse text-to-image UNets: the method needs the inpainting input (noisy latent + mask + masked-image latent).
+
+    That is 2 x latent channels + 1 input channels: 9 for SDXL's 4-channel VAE (33 for a 16-channel one).
+    """
+    config = components["unet"].config
+    latent_channels = components["vae"].config.latent_channels if "vae" in components else config.out_channels
+    if config.out_channels != latent_channels:
         raise BackboneLoadError(
-            f"{source} has a UNet with {in_channels} input channels; Patch-Adapter needs an inpainting UNet "
-            f"with 9 (noisy latent + mask + masked-image latent), such as {SDXL_INPAINT_HUB_ID}."
+            f"{source} has a UNet that predicts {config.out_channels} channels but a VAE with {latent_channels} "
+            "latent channels; they must be the same backbone's."
+        )
+    if config.in_channels != 2 * latent_channels + 1:
+        raise BackboneLoadError(
+            f"{source} has a UNet with {config.in_channels} input channels; Patch-Adapter needs an inpainting UNet "
+            f"with {2 * latent_channels + 1} (noisy latent + mask + masked-image latent), such as {SDXL_INPAINT_HUB_ID}."
         )
     return components
 

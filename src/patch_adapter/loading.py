@@ -276,7 +276,7 @@ class PatchAdapterLoadingMixin:
                 raise BackboneLoadError(
                     _offline_hint(source) + f"\n(underlying error: {type(err).__name__}: {err})"
                 ) from err
-        check_inpainting_backbone({"unet": pipe.unet}, source)
+        check_inpainting_backbone({"unet": pipe.unet, "vae": pipe.vae}, source)
         if before:
             warn_replaced(before, pipe.unet, f"{cls.__name__}.from_pretrained(unet=...)")
         if adapter is None or adapter is True:
@@ -329,7 +329,7 @@ class PatchAdapterLoadingMixin:
                 "diffusers folder of diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (its *.json files are "
                 "enough) as config= (CLI: --config DIR)."
             ) from err
-        check_inpainting_backbone({"unet": pipe.unet}, source)
+        check_inpainting_backbone({"unet": pipe.unet, "vae": pipe.vae}, source)
         if before:
             warn_replaced(before, pipe.unet, f"{cls.__name__}.from_single_file(unet=...)")
         return pipe._finish_loading(source, adapter or None, scheduler, device, cpu_offload, placed=False)

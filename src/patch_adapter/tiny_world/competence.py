@@ -4,6 +4,8 @@
 full-resolution textured background should keep at least half of its high-frequency
 (Laplacian) energy, while a 4x down-up of the same picture keeps at most a tenth, so
 that the texture remains something only full-resolution work can restore.
+`vae_insert_ceiling` is the VAE's other share: what a round trip keeps of the objects
+bounds what any UNet can draw (`insert_accuracy`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image_io import from_model_range, to_float, to_model_range
+from .architecture import NATIVE_SIZE
 from .scenes import Scene, random_background, render_scene
 
 
@@ -60,35 +63,72 @@ NATIVE_PLACEMENTS = ("free", "border")
 """Placements a native-size picture can hold (a "large" target exceeds the picture; "small" is 4x-and-up's)."""
 
 
-def insert_accuracy(pipe, count: int = 48, seed: int = 0, steps: int = 20, **settings) -> dict:
-    """The backbone's competence at its native size: share of inserts whose colour and shape are read back.
-
-    `count` insert tasks of native-size pictures (every mask kind, free and at a border),
-    filled by `pipe` with the settings given (by default Patch-Adapter's, which at
-    native size is one denoising pass). Returns {"accuracy", "colour", "single_object", "n"}.
-    """
-    from ..evaluation.detector import count_objects, detect_object
+def native_insert_tasks(count: int, seed: int = 0):
+    """The `count` native-size insert tasks competence is measured on (every mask kind, free and at a border)."""
     from ..evaluation.tasks import MASK_KINDS, make_task
-    from ..settings import InpaintSettings
 
-    native = pipe.native_size
-    right = colour = single = 0
     for i in range(count):
         task_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         placement = NATIVE_PLACEMENTS[i % len(NATIVE_PLACEMENTS)]
-        task = make_task("insert", task_seed, native, native, native, MASK_KINDS[i % len(MASK_KINDS)], placement)
-        output = pipe(
+        yield make_task(
+            "insert", task_seed, NATIVE_SIZE, NATIVE_SIZE, NATIVE_SIZE, MASK_KINDS[i % len(MASK_KINDS)], placement
+        )
+
+
+def read_back(outputs, tasks) -> dict:
+    """Share of `outputs` whose masked object is the task's target: colour and shape, colour, one object."""
+    from ..evaluation.detector import count_objects, detect_object
+
+    right = colour = single = 0
+    for output, task in zip(outputs, tasks, strict=True):
+        detected = detect_object(output, task.mask)
+        right += detected == (task.target.colour, task.target.shape)
+        colour += detected[0] == task.target.colour
+        single += count_objects(output, task.mask) == 1
+    n = len(tasks)
+    return {"accuracy": right / n, "colour": colour / n, "single_object": single / n, "n": n}
+
+
+def insert_accuracy(pipe, count: int = 48, seed: int = 0, steps: int = 20, **settings) -> dict:
+    """The backbone's competence at its native size: share of inserts whose colour and shape are read back.
+
+    `count` insert tasks of native-size pictures (`native_insert_tasks`), filled by `pipe`
+    with the settings given (by default Patch-Adapter's, which at native size is one
+    denoising pass). Returns {"accuracy", "colour", "single_object", "n"}.
+    """
+    from ..settings import InpaintSettings
+
+    tasks = list(native_insert_tasks(count, seed))
+    outputs = [
+        pipe(
             prompt=task.prompt,
             image=task.image,
             mask_image=task.mask,
-            generator=torch.Generator().manual_seed(task_seed),
+            generator=torch.Generator().manual_seed(task.seed),
             settings=InpaintSettings(num_inference_steps=steps, **settings),
-        )
-        detected = detect_object(output.arrays[0], task.mask)
-        right += detected == (task.target.colour, task.target.shape)
-        colour += detected[0] == task.target.colour
-        single += count_objects(output.arrays[0], task.mask) == 1
-    return {"accuracy": right / count, "colour": colour / count, "single_object": single / count, "n": count}
+        ).arrays[0]
+        for task in tasks
+    ]
+    return read_back(outputs, tasks)
+
+
+@torch.no_grad()
+def vae_insert_ceiling(vae, count: int = 48, seed: int = 0) -> dict:
+    """The same read-back on VAE round trips of the inserts' truths: the most any latent fill can reach.
+
+    A fill is decoded by the VAE, so an object the round trip blurs into a blob of
+    another colour cannot be drawn by any UNet (measured: the first VAE stage read back
+    0.08 of them, the first shipped VAE 0.23; docs/tiny-world.md).
+    """
+    tasks = list(native_insert_tasks(count, seed))
+    truths = torch.from_numpy(to_float(np.stack([task.truth[..., :3] for task in tasks]))).permute(0, 3, 1, 2)
+    dtype = next(vae.parameters()).dtype
+    outputs = []
+    for batch in truths.split(16):
+        latents = vae.encode(to_model_range(batch).to(dtype)).latent_dist.mode()
+        decoded = from_model_range(vae.decode(latents).sample.float()).clamp(0, 1)
+        outputs.extend((decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    return read_back(outputs, tasks)
 
 
 @torch.no_grad()
@@ -151,6 +191,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     figures = {
         "texture_energy_kept": texture_energy_kept(pipe.vae),
+        "vae_insert_ceiling": vae_insert_ceiling(pipe.vae, args.count),
         "insert_at_native": insert_accuracy(pipe, args.count, steps=args.steps),
     }
     print(json.dumps(figures, indent=2))

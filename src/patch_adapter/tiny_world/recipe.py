@@ -49,13 +49,18 @@ class TinyRecipe:
     threads: int = 2  # torch threads (the recipe is timed on 2 cores)
     views: int = 16000  # training views of the denoiser (each with its own lesson and mask)
     # 1. VAE
-    vae_steps: int = 3000
+    vae_init: str = "shipped"  # "shipped": start from the shipped backbone's VAE (`output`), "random": from scratch
+    vae_steps: int = 2500
     vae_batch: int = 16
-    vae_crop: int = 64  # random crops of the views; the VAE is convolutional
-    vae_lr: float = 1e-3
+    vae_crop: int = 64  # crops of the views; the VAE is convolutional
+    vae_object_crops: float = 0.8  # share of crops centred near an object pixel (objects are a few % of the pixels)
+    vae_object_weight: float = 10.0  # extra L1 weight of object pixels (`vae_loss`)
+    vae_lr: float = 5e-4
     vae_kl: float = 1e-6
-    # the block-energy term (see `vae_loss`): off while the copy loss converges, then ramped up
-    vae_energy_weight: float = 10.0
+    vae_check_every: int = 500  # steps between read-backs of round-tripped inserts (`competence.vae_insert_ceiling`)
+    # the block-energy term (see `vae_loss`): off while the copy loss converges, then ramped up. Off by default:
+    # at weight 10 it drew texture but cost the objects (docs/tiny-world.md, "The VAE's objects")
+    vae_energy_weight: float = 0.0
     vae_energy_start: float = 0.4  # share of the steps before it starts
     vae_energy_full: float = 0.7  # share of the steps at which it reaches its weight
     # 2. denoiser
@@ -124,8 +129,27 @@ def block_energy(x: torch.Tensor, block: int = 8) -> torch.Tensor:
     return F.avg_pool2d(laplacian(x) ** 2, block)
 
 
-def vae_loss(reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float) -> tuple[torch.Tensor, dict]:
+def object_share(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 1, H, W) in [0, 1]: how strongly each pixel is an object's colour.
+
+    The detector's rule (`evaluation.detector`): objects are strongly coloured, the
+    world's backgrounds and textures nearly grey. Ramps from its background chroma to 1.5x it.
+    """
+    from ..evaluation.detector import BACKGROUND_CHROMA
+
+    chroma = (x - x.mean(dim=1, keepdim=True)).norm(dim=1, keepdim=True) * 127.5  # in 0-255 units
+    return ((chroma - BACKGROUND_CHROMA) / (0.5 * BACKGROUND_CHROMA)).clamp(0, 1)
+
+
+def vae_loss(
+    reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float, object_weight: float = 0.0
+) -> tuple[torch.Tensor, dict]:
     """Copy loss (L1 on pixels and on their Laplacian) plus the block-energy term.
+
+    `object_weight` counts the L1 of object pixels (`object_share`) that much more: they
+    are a few percent of the pixels, and a VAE trained on plain L1 learns the
+    backgrounds first and returns objects as faint blobs of the wrong colour, which no
+    UNet can then draw (docs/tiny-world.md, "The VAE's objects").
 
     A decoder trained only to copy returns the mean of what one latent cell cannot
     hold, so 1-2 px texture decodes flat. The energy term asks each 8x8 block of the
@@ -133,11 +157,30 @@ def vae_loss(reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float
     synthesizes texture of the right strength, as SDXL's adversarially trained VAE does
     (measured in docs/tiny-world-probe.md).
     """
-    l1 = F.l1_loss(reconstruction, x)
+    weight = 1.0 + object_weight * object_share(x)
+    l1 = ((reconstruction - x).abs() * weight).mean() / weight.mean()
     detail = F.l1_loss(laplacian(reconstruction), laplacian(x))
     energy = F.l1_loss(block_energy(reconstruction).clamp_min(1e-8).sqrt(), block_energy(x).clamp_min(1e-8).sqrt())
     loss = l1 + detail + energy_weight * energy
-    return loss, {"l1": l1.item(), "laplacian_l1": detail.item(), "energy": energy.item()}
+    return loss, {"l1": F.l1_loss(reconstruction, x).item(), "laplacian_l1": detail.item(), "energy": energy.item()}
+
+
+def vae_crops(rng: np.random.Generator, pixels: np.ndarray, index: np.ndarray, recipe: TinyRecipe) -> np.ndarray:
+    """(B, crop, crop, 3) crops of the views `index`: `vae_object_crops` of them centred near an object pixel."""
+    from ..evaluation.detector import BACKGROUND_CHROMA, chroma
+
+    side, crop = pixels.shape[1], recipe.vae_crop
+    out = []
+    for i in index:
+        ys, xs = np.nonzero(np.linalg.norm(chroma(pixels[i]), axis=-1) > BACKGROUND_CHROMA)
+        if len(ys) and rng.random() < recipe.vae_object_crops:
+            k = rng.integers(len(ys))
+            centre = np.array([ys[k], xs[k]]) + rng.integers(-crop // 3, crop // 3 + 1, size=2)
+            top, left = np.clip(centre - crop // 2, 0, side - crop)
+        else:
+            top, left = rng.integers(0, side - crop + 1, size=2)
+        out.append(pixels[i, top : top + crop, left : left + crop])
+    return np.stack(out)
 
 
 def energy_weight_at(step: int, recipe: TinyRecipe) -> float:
@@ -148,18 +191,21 @@ def energy_weight_at(step: int, recipe: TinyRecipe) -> float:
 
 def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
     """Reconstruction training of the VAE; returns its log."""
+    from .competence import vae_insert_ceiling
+
     rng = np.random.default_rng(recipe.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     vae.train()
-    history = []
+    history, ceilings = [], []
     for step in range(recipe.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 100)
-        index = rng.integers(0, len(views["pixels"]), recipe.vae_batch)
-        top, left = rng.integers(0, views["pixels"].shape[1] - recipe.vae_crop + 1, 2)
-        x = model_batch(views["pixels"][index, top : top + recipe.vae_crop, left : left + recipe.vae_crop])
+        x = model_batch(
+            vae_crops(rng, views["pixels"], rng.integers(0, len(views["pixels"]), recipe.vae_batch), recipe)
+        )
         posterior = vae.encode(x).latent_dist
-        loss, parts = vae_loss(vae.decode(posterior.sample()).sample, x, energy_weight_at(step, recipe))
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss, parts = vae_loss(reconstruction, x, energy_weight_at(step, recipe), recipe.vae_object_weight)
         loss = loss + recipe.vae_kl * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,11 +215,17 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
         if step % 100 == 0 or step == recipe.vae_steps - 1:
             recent = {k: np.mean([h[k] for h in history[-100:]]) for k in parts}
             log(f"vae step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in recent.items()))
+        if (step + 1) % recipe.vae_check_every == 0:
+            vae.eval()
+            ceilings.append({"step": step + 1, **vae_insert_ceiling(vae, recipe.competence_tasks)})
+            log(f"vae step {step + 1}: inserts read back after a round trip {ceilings[-1]}")
+            vae.train()
     vae.eval()
     return {
         "l1_first100": float(np.mean([h["l1"] for h in history[:100]])),
         "l1_last100": float(np.mean([h["l1"] for h in history[-100:]])),
         "energy_last100": float(np.mean([h["energy"] for h in history[-100:]])),
+        "insert_ceiling_during": ceilings,
     }
 
 
@@ -199,14 +251,19 @@ def encode_views(pipe, views: dict, batch: int = 64) -> tuple[torch.Tensor, torc
     return torch.cat(targets), torch.cat(masked)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights: which VAE a cache or a stage started from."""
+    import hashlib
+
+    return hashlib.sha1(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()[:12]
+
+
 def cached_latents(pipe, views: dict, recipe: TinyRecipe) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode_views`, kept in the work folder per views and VAE (encoding 16,000 views takes 15 minutes on 2 cores)."""
-    import hashlib
 
     from .views import VIEWS_VERSION
 
-    weights = hashlib.sha1(b"".join(t.numpy().tobytes() for t in pipe.vae.state_dict().values())).hexdigest()[:12]
-    cache = Path(recipe.work) / f"latents_v{VIEWS_VERSION}_{recipe.views}_{recipe.seed}_{weights}.pt"
+    cache = Path(recipe.work) / f"latents_v{VIEWS_VERSION}_{recipe.views}_{recipe.seed}_{weights_digest(pipe.vae)}.pt"
     if cache.is_file():
         return torch.load(cache)
     encoded = encode_views(pipe, views)
@@ -296,23 +353,50 @@ def write_json(path: Path, data: dict) -> None:
         f.write(json.dumps(data, indent=2).encode())
 
 
+def initial_vae(recipe: TinyRecipe) -> tuple:
+    """(VAE, where it came from): the shipped backbone's VAE (`vae_init` "shipped") or the seed's random one.
+
+    Starting from the shipped VAE makes each run of the stage a round on top of the last
+    shipped one, as the denoiser's rounds are: a VAE trained from scratch on 2 cores
+    draws objects as blobs for its first thousands of steps (docs/tiny-world.md).
+    """
+    from diffusers import AutoencoderKL
+
+    from .architecture import build_tiny_components
+
+    if recipe.vae_init == "random":
+        return build_tiny_components(seed=recipe.seed)["vae"], "random"
+    shipped = Path(recipe.output) / "vae"
+    if recipe.vae_init != "shipped":
+        raise ValueError(f"vae_init must be 'shipped' or 'random', not {recipe.vae_init!r}")
+    if not (shipped / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{shipped} holds no VAE to start from: run with --vae-init random to start from scratch"
+        )
+    vae = AutoencoderKL.from_pretrained(shipped, torch_dtype=torch.float32)
+    return vae, f"{shipped} (weights {weights_digest(vae)})"
+
+
 def vae_stage(recipe: TinyRecipe) -> Path:
     """Stage 1: the VAE, written to `<stages>/vae` (fp16, a diffusers AutoencoderKL folder) with its report."""
-    from .architecture import NATIVE_SIZE, build_tiny_components
-    from .competence import texture_energy_kept
+    from .architecture import NATIVE_SIZE
+    from .competence import texture_energy_kept, vae_insert_ceiling
     from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "vae"
     if (folder / "report.json").is_file():
         log(f"vae stage already done: {folder}")
         return folder
-    vae = build_tiny_components(seed=recipe.seed)["vae"]
+    vae, init = initial_vae(recipe)
     start = time.time()
     views = make_views(recipe, NATIVE_SIZE)
     log(f"{len(views['pixels'])} views in {time.time() - start:.0f} s")
     start = time.time()
-    report = train_vae(vae, views, recipe)
+    report = {"init": init, "insert_ceiling_before": vae_insert_ceiling(vae.eval(), recipe.competence_tasks)}
+    report |= train_vae(vae, views, recipe)
     report["seconds"] = time.time() - start
+    vae.to(torch.float16).to(torch.float32)  # the figures are those of the weights the stage writes
+    report["insert_ceiling"] = vae_insert_ceiling(vae, recipe.competence_tasks)
     vae.register_to_config(scaling_factor=fit_latent_scale(vae, views))
     report["scaling_factor"] = vae.config.scaling_factor
     report["texture_energy_kept"] = texture_energy_kept(vae)
@@ -350,6 +434,18 @@ def load_denoiser(folder: Path, dtype: torch.dtype) -> dict:
     }
 
 
+def check_same_vae(rounds: list, vae, folder: Path) -> str:
+    """The digest of the stage's `vae`; refuses denoiser rounds that were trained on the latents of another VAE."""
+    digest = weights_digest(vae)
+    trained_on = {r.get("vae") for r in rounds}
+    if trained_on - {digest}:
+        raise RuntimeError(
+            f"the denoiser rounds in {folder} were trained on another VAE's latents than the VAE stage's "
+            f"(weights {digest}); delete {folder} to train the denoiser again on this VAE"
+        )
+    return digest
+
+
 def denoiser_stage(recipe: TinyRecipe) -> Path:
     """Stage 2: one round of denoiser training, written to `<stages>/denoiser`.
 
@@ -366,11 +462,13 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     folder = Path(recipe.stages) / "denoiser"
     report_file = folder / "report.json"
     rounds = json.loads(report_file.read_text())["rounds"] if report_file.is_file() else []
+    stage_vae = load_stage_vae(recipe)
+    vae = check_same_vae(rounds, stage_vae, folder)
     if len(rounds) >= recipe.denoiser_rounds:
         log(f"denoiser stage already done ({len(rounds)} rounds): {folder}")
         return folder
     components = build_tiny_components(seed=recipe.seed)
-    components["vae"] = load_stage_vae(recipe)
+    components["vae"] = stage_vae
     if rounds:
         components.update(load_denoiser(folder, torch.float32))
     pipe = PatchAdapterPipeline(**components)
@@ -384,6 +482,7 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     shown = slice(0, recipe.competence_tasks)  # the first views: what the round learnt, inside the masks and outside
     masks = torch.from_numpy(views["mask"][shown])[:, None]
     result["mask_errors"] = mask_errors(pipe, encoded[0][shown], encoded[1][shown], masks, views["prompt"][shown])
+    result["vae"] = vae
     result["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"denoiser round {len(rounds) + 1}: {result}")
     staging = fresh_staging(folder)
@@ -424,8 +523,10 @@ def assemble_backbone(recipe: TinyRecipe, folder: Path) -> Path:
     denoiser = Path(recipe.stages) / "denoiser"
     if not (denoiser / "report.json").is_file():
         raise FileNotFoundError(f"{denoiser} holds no finished denoiser stage: run the recipe's 'denoiser' stage")
+    vae = load_stage_vae(recipe)
+    check_same_vae(json.loads((denoiser / "report.json").read_text())["rounds"], vae, denoiser)
     components = build_tiny_components(seed=recipe.seed)
-    components.update(load_denoiser(denoiser, torch.float16), vae=load_stage_vae(recipe).to(torch.float16))
+    components.update(load_denoiser(denoiser, torch.float16), vae=vae.to(torch.float16))
     StableDiffusionXLInpaintPipeline(**components).save_pretrained(folder, safe_serialization=True)
     report = {
         "vae": json.loads((Path(recipe.stages) / "vae" / "report.json").read_text()),
