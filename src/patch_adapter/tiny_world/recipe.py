@@ -4,17 +4,20 @@
 package (`stages`, committed) so that work finished is kept if a later stage runs out of
 time, each at most 90 minutes on 2 cores, and each skipped once done:
 
-1. vae: reconstruct native-size views with L1 on pixels and on their Laplacian plus a
-   block-energy term, ramped in once the copy loss has converged, which asks each 8x8
-   block for the input's texture strength, not its phase (`vae_loss`). A copying
-   decoder alone decodes 1-2 px texture as a flat tint (docs/tiny-world-probe.md).
-   Written to `stages/vae` with its texture figures (`competence.texture_energy_kept`).
+1. vae: reconstruct native-size views, starting from the shipped backbone's VAE, with
+   L1 on pixels (object pixels counted more, crops centred on objects) and on their
+   Laplacian (`vae_loss`): objects are a few percent of the pixels, and a VAE that
+   returns them as blobs caps what any UNet can draw (`competence.vae_insert_ceiling`).
+   An optional block-energy term asks each 8x8 block for the input's texture strength
+   (off: it drew texture but cost the objects; docs/tiny-world.md).
+   Written to `stages/vae` with its figures (`competence.texture_energy_kept`, the ceiling).
 2. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
    the Min-SNR-weighted noise-prediction loss over the views' insert / remove / repaint
    lessons (`views`), with the error inside each lesson's mask counted once more
-   (`mask_weight`); EMA weights are kept. One run adds one round of `unet_steps`
-   steps from the last round's weights, up to `denoiser_rounds`; each round's report
-   holds the inserts read back at native size (`competence.insert_accuracy`).
+   (`mask_weight`); EMA weights are kept. One run adds one round of `unet_steps` steps
+   from the last round's weights, up to `denoiser_rounds`; each round's report holds
+   the inserts read back at native size (`competence.insert_accuracy`) and the digest of
+   the VAE whose latents it learnt (rounds on another VAE's latents are refused).
 3. adapters: the backbone of stages 1-2 as a diffusers folder (fp16; its model_index
    names StableDiffusionXLInpaintPipeline), full-resolution scenes exported as an
    imagefolder, the Dual Context Adapter then the Reference Patch Adapter trained on
