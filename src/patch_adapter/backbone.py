@@ -193,7 +193,7 @@ def check_inpainting_backbone(components: dict, source: str) -> dict:
     That is 2 x latent channels + 1 input channels: 9 for SDXL's 4-channel VAE (33 for a 16-channel one).
     """
     config = components["unet"].config
-    latent_channels = components["vae"].config.latent_channels if "vae" in components else config.out_channels
+    latent_channels = components["vae"].config.latent_channels
     if config.out_channels != latent_channels:
         raise BackboneLoadError(
             f"{source} has a UNet that predicts {config.out_channels} channels but a VAE with {latent_channels} "

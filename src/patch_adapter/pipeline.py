@@ -425,9 +425,8 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         )
         settings = settings.resolved(self.native_size)  # the backbone's defaults, as the plan and metadata hold them
         check_integer("num_images_per_prompt", num_images_per_prompt, 1)
-        check_inpainting_backbone(
-            {"unet": self.unet, "vae": self.vae}, "this pipeline"
-        )  # a 4-channel UNet would fail deep inside
+        # a text-to-image UNet would fail deep inside
+        check_inpainting_backbone({"unet": self.unet, "vae": self.vae}, "this pipeline")
         self.check_adapters()
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

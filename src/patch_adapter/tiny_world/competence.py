@@ -38,6 +38,17 @@ def laplacian_energy(pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_round_trip(vae, pictures: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> the VAE's reconstruction of them (latent mode), in [0, 1]."""
+    dtype = next(vae.parameters()).dtype
+    round_trips = []
+    for batch in pictures.split(16):
+        latents = vae.encode(to_model_range(batch).to(dtype)).latent_dist.mode()
+        round_trips.append(from_model_range(vae.decode(latents).sample.float()).clamp(0, 1))
+    return torch.cat(round_trips)
+
+
+@torch.no_grad()
 def texture_energy_kept(vae, count: int = 32, side: int = 128, seed: int = 0) -> dict:
     """Laplacian energy of a VAE round trip and of a 4x down-up, over the truth's, on textured backgrounds.
 
@@ -45,12 +56,7 @@ def texture_energy_kept(vae, count: int = 32, side: int = 128, seed: int = 0) ->
     ratios (1.0 keeps all of the texture's energy; 0 decodes it flat).
     """
     pictures = torch.from_numpy(to_float(textured_backgrounds(count, side, seed))).permute(0, 3, 1, 2)
-    dtype = next(vae.parameters()).dtype
-    round_trips = []
-    for batch in pictures.split(16):
-        latents = vae.encode(to_model_range(batch).to(dtype)).latent_dist.mode()
-        round_trips.append(from_model_range(vae.decode(latents).sample.float()).clamp(0, 1))
-    round_trip = torch.cat(round_trips)
+    round_trip = vae_round_trip(vae, pictures)
     down_up = F.interpolate(F.interpolate(pictures, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
     truth = laplacian_energy(pictures)
     return {
@@ -122,13 +128,8 @@ def vae_insert_ceiling(vae, count: int = 48, seed: int = 0) -> dict:
     """
     tasks = list(native_insert_tasks(count, seed))
     truths = torch.from_numpy(to_float(np.stack([task.truth[..., :3] for task in tasks]))).permute(0, 3, 1, 2)
-    dtype = next(vae.parameters()).dtype
-    outputs = []
-    for batch in truths.split(16):
-        latents = vae.encode(to_model_range(batch).to(dtype)).latent_dist.mode()
-        decoded = from_model_range(vae.decode(latents).sample.float()).clamp(0, 1)
-        outputs.extend((decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-    return read_back(outputs, tasks)
+    decoded = vae_round_trip(vae, truths)
+    return read_back(list((decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), tasks)
 
 
 @torch.no_grad()
