@@ -130,6 +130,25 @@ def test_the_vae_insert_ceiling_reads_back_what_a_round_trip_keeps():
     assert blurred["accuracy"] <= 0.5  # measured 0.0
 
 
+class Painter(Identity):
+    """A VAE that keeps the picture but paints a red disc into every one it decodes."""
+
+    def decode(self, z):
+        side = z.shape[-1]
+        yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        disc = ((yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 8) ** 2).float()
+        red = torch.tensor([0.9, -0.9, -0.9]).view(1, 3, 1, 1)
+        return type("Out", (), {"sample": z * (1 - disc) + red * disc})()
+
+
+def test_phantom_objects_counts_what_a_vae_paints_where_there_is_none():
+    from patch_adapter.tiny_world.competence import phantom_objects, vae_insert_ceiling
+
+    assert phantom_objects(Identity(), count=8) == 0.0
+    assert phantom_objects(Painter(), count=8) == 1.0
+    assert vae_insert_ceiling(Painter(), count=12)["accuracy"] < 1.0  # a disc over the insert's place misreads
+
+
 def test_the_vae_loss_counts_object_pixels_more():
     """An error on an object's pixel costs `object_weight` + 1 times one on the background (the L1 term)."""
     from patch_adapter.tiny_world.recipe import model_batch, object_share, vae_loss
@@ -219,6 +238,7 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
     report = json.loads((out / "recipe_report.json").read_text())
     assert report["vae"]["scaling_factor"] > 0 and len(report["denoiser"]["rounds"]) == 2
     assert set(report["vae"]["texture_energy_kept"]) == {"round_trip", "down_up_4x"}
+    assert report["vae"]["phantom_objects"] >= 0.0
     pipe = PatchAdapterPipeline.from_pretrained(str(out), device="cpu")
     bare = PatchAdapterPipeline.from_pretrained(str(out), device="cpu", adapter=False)
     assert pipe.unet.dtype == torch.float32  # stored in fp16, loaded as asked
@@ -281,7 +301,7 @@ def test_the_committed_vae_stage_is_what_its_report_says():
     from diffusers import AutoencoderKL
 
     import patch_adapter.tiny_world as world
-    from patch_adapter.tiny_world.competence import texture_energy_kept, vae_insert_ceiling
+    from patch_adapter.tiny_world.competence import phantom_objects, texture_energy_kept, vae_insert_ceiling
 
     stage = Path(world.__file__).parent / "stages" / "vae"
     report = json.loads((stage / "report.json").read_text())
@@ -294,6 +314,7 @@ def test_the_committed_vae_stage_is_what_its_report_says():
     kept = texture_energy_kept(vae)
     assert kept["round_trip"] == pytest.approx(report["texture_energy_kept"]["round_trip"], abs=0.01)
     assert kept["down_up_4x"] <= 0.1
+    assert phantom_objects(vae) <= 0.15  # measured 0.06 (2 of 32 empty backgrounds); see its docstring
 
 
 def test_mask_errors_tell_the_drawn_part_from_the_copied_part(tiny_pipe):

@@ -10,7 +10,8 @@ time, each at most 90 minutes on 2 cores, and each skipped once done:
    returns them as blobs caps what any UNet can draw (`competence.vae_insert_ceiling`).
    An optional block-energy term asks each 8x8 block for the input's texture strength
    (off: it drew texture but cost the objects; docs/tiny-world.md).
-   Written to `stages/vae` with its figures (`competence.texture_energy_kept`, the ceiling).
+   Written to `stages/vae` with its figures (`competence.texture_energy_kept`, the ceiling,
+   `competence.phantom_objects`).
 2. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
    the Min-SNR-weighted noise-prediction loss over the views' insert / remove / repaint
    lessons (`views`), with the error inside each lesson's mask counted once more
@@ -383,7 +384,7 @@ def initial_vae(recipe: TinyRecipe) -> tuple:
 def vae_stage(recipe: TinyRecipe) -> Path:
     """Stage 1: the VAE, written to `<stages>/vae` (fp16, a diffusers AutoencoderKL folder) with its report."""
     from .architecture import NATIVE_SIZE
-    from .competence import texture_energy_kept, vae_insert_ceiling
+    from .competence import phantom_objects, texture_energy_kept, vae_insert_ceiling
     from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "vae"
@@ -403,6 +404,7 @@ def vae_stage(recipe: TinyRecipe) -> Path:
     vae.register_to_config(scaling_factor=fit_latent_scale(vae, views))
     report["scaling_factor"] = vae.config.scaling_factor
     report["texture_energy_kept"] = texture_energy_kept(vae)
+    report["phantom_objects"] = phantom_objects(vae)
     report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"vae: {report}")
     staging = fresh_staging(folder)
