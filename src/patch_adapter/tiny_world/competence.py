@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..image_io import from_model_range, to_float, to_model_range
+from ..image_io import from_float, from_model_range, to_float, to_model_range
 from .architecture import NATIVE_SIZE
 from .scenes import Scene, random_background, render_scene
 
@@ -47,6 +47,12 @@ def vae_round_trip(vae, pictures: torch.Tensor) -> torch.Tensor:
         latents = vae.encode(to_model_range(batch).to(dtype)).latent_dist.mode()
         round_trips.append(from_model_range(vae.decode(latents).sample.float()).clamp(0, 1))
     return torch.cat(round_trips)
+
+
+def round_trip_pictures(vae, pictures: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 pictures -> their VAE round trips as uint8 pictures: what the detector reads."""
+    decoded = vae_round_trip(vae, torch.from_numpy(to_float(pictures)).permute(0, 3, 1, 2))
+    return from_float(decoded.permute(0, 2, 3, 1).numpy())
 
 
 @torch.no_grad()
@@ -128,9 +134,8 @@ def vae_insert_ceiling(vae, count: int = 48, seed: int = 0) -> dict:
     0.08 of them, the first shipped VAE 0.23; docs/tiny-world.md).
     """
     tasks = list(native_insert_tasks(count, seed))
-    truths = torch.from_numpy(to_float(np.stack([task.truth[..., :3] for task in tasks]))).permute(0, 3, 1, 2)
-    decoded = vae_round_trip(vae, truths)
-    return read_back(list((decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), tasks)
+    decoded = round_trip_pictures(vae, np.stack([task.truth[..., :3] for task in tasks]))
+    return read_back(list(decoded), tasks)
 
 
 @torch.no_grad()
@@ -143,8 +148,7 @@ def phantom_objects(vae, count: int = 32, side: int = NATIVE_SIZE, seed: int = 0
     """
     from ..evaluation.detector import count_objects
 
-    pictures = torch.from_numpy(to_float(textured_backgrounds(count, side, seed))).permute(0, 3, 1, 2)
-    decoded = (vae_round_trip(vae, pictures).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    decoded = round_trip_pictures(vae, textured_backgrounds(count, side, seed))
     everywhere = np.ones((side, side), dtype=bool)
     return float(np.mean([count_objects(picture, everywhere) for picture in decoded]))
 
