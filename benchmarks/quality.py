@@ -15,6 +15,7 @@ chart, and prints the table; `--summarize-only` does just that for the records t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -115,6 +116,34 @@ def run_items(items: list[tuple[int, str]], settings: dict, threads: int, worker
 # --- records -------------------------------------------------------------------------
 
 
+def weights_digest(model: str, adapter: str | None) -> str | None:
+    """A hash of every file of a local model (folder or single file) and of the adapter file.
+
+    It goes into the run's settings, so that resuming after the weights changed (a new
+    `make train-tiny`, another checkpoint under the same path) is refused instead of
+    mixing two backbones' records in one table. A hub id has no local files: None.
+    """
+    from patch_adapter.backbone import tiny_weights_dir
+
+    root = tiny_weights_dir() if model == "tiny" else Path(model).expanduser()
+    if root.is_dir():
+        files = [(p.relative_to(root).as_posix(), p) for p in sorted(root.rglob("*")) if p.is_file()]
+        files = [(name, p) for name, p in files if not name.startswith(".")]  # e.g. a hub cache's .cache/
+    else:
+        files = [(root.name, root)] if root.is_file() else []
+    if adapter:
+        files.append(("adapter", Path(adapter).expanduser()))
+    if not files:
+        return None
+    digest = hashlib.sha1()
+    for name, path in files:
+        digest.update(name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def read_records(path: Path, settings: dict) -> dict[tuple[int, str], dict]:
     """Records already in the .jsonl, by (index, method); refuses a file made with other settings."""
     if not path.exists():
@@ -122,11 +151,16 @@ def read_records(path: Path, settings: dict) -> dict[tuple[int, str], dict]:
     lines = path.read_text().splitlines()
     if not lines:
         return {}
-    header = json.loads(lines[0])
-    if header.get("settings") != settings:
+    header = json.loads(lines[0]).get("settings") or {}
+    if header != settings:
+        changed = ", ".join(
+            f"{k} {header.get(k)!r} there, {settings.get(k)!r} now"
+            for k in settings | header
+            if header.get(k) != settings.get(k)
+        )
         sys.exit(
-            f"{path} holds records made with {header.get('settings')}, not {settings}: "
-            f"choose another --json or delete it"
+            f"{path} holds records made with other settings ({changed}; 'weights' is a digest of the model's "
+            f"and adapter's files): choose another --json or delete it"
         )
     records = {}
     for line in lines[1:]:
@@ -174,6 +208,7 @@ def main(argv=None) -> None:
         "model": args.model,
         "adapter": args.adapter,
         "device": args.device,
+        "weights": weights_digest(args.model, args.adapter),
     }
     log = args.json.with_suffix(".jsonl")
     done = read_records(log, settings)
