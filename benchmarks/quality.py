@@ -123,14 +123,14 @@ def weights_digest(model: str, adapter: str | None) -> str | None:
     `make train-tiny`, another checkpoint under the same path) is refused instead of
     mixing two backbones' records in one table. A hub id has no local files: None.
     """
-    from patch_adapter.backbone import tiny_weights_dir
+    from patch_adapter.backbone import source_kind
 
-    root = tiny_weights_dir() if model == "tiny" else Path(model).expanduser()
-    if root.is_dir():
+    kind, root = source_kind(model)
+    if kind == "folder":
         files = [(p.relative_to(root).as_posix(), p) for p in sorted(root.rglob("*")) if p.is_file()]
         files = [(name, p) for name, p in files if not name.startswith(".")]  # e.g. a hub cache's .cache/
     else:
-        files = [(root.name, root)] if root.is_file() else []
+        files = [(root.name, root)] if kind == "single_file" else []
     if adapter:
         files.append(("adapter", Path(adapter).expanduser()))
     if not files:
