@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 WORKER: dict = {}  # per process: the settings, the pipeline, the last task built
@@ -162,13 +163,25 @@ def read_records(path: Path, settings: dict) -> dict[tuple[int, str], dict]:
             f"{path} holds records made with other settings ({changed}; 'weights' is a digest of the model's "
             f"and adapter's files): choose another --json or delete it"
         )
-    records = {}
+    from patch_adapter.evaluation.benchmark import METHODS, method_fingerprint
+
+    records, stale = {}, Counter()
     for line in lines[1:]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by an interruption
             continue
-        records[(record["index"], record["method"])] = record
+        method = record["method"]
+        if method not in METHODS or record.get("method_settings") != method_fingerprint(method):
+            stale[method] += 1  # made with other settings of its method: made again, never mixed in
+            continue
+        records[(record["index"], method)] = record
+    if stale:
+        print(
+            f"{path}: set aside {sum(stale.values())} records made with other method settings than today's "
+            f"({', '.join(f'{m} {n}' for m, n in sorted(stale.items()))}); they do not count, and a run makes them again",
+            file=sys.stderr,
+        )
     return records
 
 

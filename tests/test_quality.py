@@ -13,6 +13,7 @@ from patch_adapter.evaluation.benchmark import (
     benchmark_tasks,
     bootstrap_interval,
     markdown_table,
+    method_fingerprint,
     plot_summary,
     run_method,
     summarize,
@@ -92,10 +93,39 @@ def test_runner_refuses_to_resume_records_of_other_weights(tmp_path):
     log = tmp_path / "q.jsonl"
     settings = {"seed": 0, "size": [512, 512], "steps": 10, "model": "tiny", "weights": "aaaaaaaaaaaa"}
     runner.append_line(log, {"settings": settings})
-    runner.append_line(log, {"index": 0, "method": "resize", "prompt_followed": True})
+    runner.append_line(log, {"index": 0, "method": "resize", "method_settings": method_fingerprint("resize")})
     assert list(runner.read_records(log, settings)) == [(0, "resize")]
     with pytest.raises(SystemExit, match="weights 'aaaaaaaaaaaa' there, 'bbbbbbbbbbbb' now"):
         runner.read_records(log, {**settings, "weights": "bbbbbbbbbbbb"})
+
+
+def test_runner_sets_aside_records_of_other_method_settings(tmp_path, capsys):
+    runner = load_runner()
+    log = tmp_path / "q.jsonl"
+    settings = {"seed": 0, "size": [512, 512], "steps": 10, "model": "tiny", "weights": "aaaaaaaaaaaa"}
+    runner.append_line(log, {"settings": settings})
+    for index, method, fingerprint in [
+        (0, "resize", method_fingerprint("resize")),
+        (0, "patch-adapter", "0123456789ab"),  # made when the method had another default
+        (1, "patch-adapter", None),  # made before records carried the fingerprint
+        (1, "untrained", method_fingerprint("untrained")),
+    ]:
+        runner.append_line(log, {"index": index, "method": method, "method_settings": fingerprint})
+    assert sorted(runner.read_records(log, settings)) == [(0, "resize"), (1, "untrained")]
+    err = capsys.readouterr().err
+    assert "set aside 2 records" in err and "(patch-adapter 2)" in err, err
+
+
+def test_method_fingerprint_follows_settings_and_adapter_reset(monkeypatch):
+    import patch_adapter.evaluation.benchmark as benchmark
+
+    fingerprints = {method: method_fingerprint(method) for method in benchmark.METHODS}
+    assert len(set(fingerprints.values())) == len(fingerprints)  # untrained differs from patch-adapter by its reset
+    monkeypatch.setitem(
+        benchmark.METHODS, "patch-adapter", benchmark.METHODS["patch-adapter"].replace(refine_strength=0.9)
+    )
+    assert method_fingerprint("patch-adapter") != fingerprints["patch-adapter"]
+    assert method_fingerprint("resize") == fingerprints["resize"]
 
 
 # --- statistics ----------------------------------------------------------------------

@@ -149,6 +149,25 @@ def test_phantom_objects_counts_what_a_vae_paints_where_there_is_none():
     assert vae_insert_ceiling(Painter(), count=12)["accuracy"] < 1.0  # a disc over the insert's place misreads
 
 
+class Speckler(Identity):
+    """A VAE that keeps the picture but paints a red 12 px square into every 32 px cell."""
+
+    def decode(self, z):
+        cells = (torch.arange(z.shape[-1]) % 32 < 12).float()
+        squares = cells.view(1, 1, -1, 1) * cells.view(1, 1, 1, -1)
+        red = torch.tensor([0.9, -0.9, -0.9]).view(1, 3, 1, 1)
+        return type("Out", (), {"sample": z * (1 - squares) + red * squares})()
+
+
+def test_removal_round_trip_objects_adds_what_the_round_trip_paints(pipe):
+    from patch_adapter.tiny_world.competence import removal_round_trip_objects
+
+    kept = removal_round_trip_objects(pipe, 256, 2, steps=2, vae=Identity())
+    assert kept["n"] == 2 and kept["round_trip"] == kept["resize"]  # a lossless round trip adds nothing
+    painted = removal_round_trip_objects(pipe, 256, 2, steps=2, vae=Speckler())
+    assert painted["resize"] == kept["resize"] and painted["round_trip"] == 1.0
+
+
 def test_the_vae_loss_counts_object_pixels_more():
     """An error on an object's pixel costs `object_weight` + 1 times one on the background (the L1 term)."""
     from patch_adapter.tiny_world.recipe import model_batch, object_share, vae_loss

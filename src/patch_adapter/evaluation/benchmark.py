@@ -10,6 +10,9 @@ chart. Only `run_method` needs a model; the rest is pure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +37,17 @@ METHODS: dict[str, InpaintSettings] = {name: InpaintSettings(method=name) for na
 
 UNTRAINED = {"untrained"}
 """Methods run with the adapters at their initial weights: what an SDXL user without trained adapters gets."""
+
+
+def method_fingerprint(method: str) -> str:
+    """A digest of the settings `method` runs with, adapter reset included.
+
+    Every record carries it, so a resumed run re-makes the records of a method whose
+    settings changed since (a new default refine strength, say) instead of mixing two
+    versions of the method in one row.
+    """
+    fields = dataclasses.asdict(METHODS[method]) | {"untrained": method in UNTRAINED}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # --- tasks ---------------------------------------------------------------------------
@@ -116,6 +130,7 @@ def run_method(pipe, task: Task, method: str, steps: int, seed: int) -> dict:
     record = {
         **settings,
         "method": method,
+        "method_settings": method_fingerprint(method),
         "steps": steps,
         "generator_seed": seed,
         **scores,

@@ -6,10 +6,13 @@ full-resolution textured background should keep at least half of its high-freque
 that the texture remains something only full-resolution work can restore.
 `vae_insert_ceiling` is the VAE's other share: what a round trip keeps of the objects
 bounds what any UNet can draw (`insert_accuracy`); `phantom_objects` checks that it
-does not draw objects where there are none.
+does not draw objects where there are none, and `removal_round_trip_objects` how many
+it paints into the flat, upsampled fills that stage 2 encodes at full resolution.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -195,6 +198,40 @@ def mask_errors(pipe, latents, masked_latents, masks, prompts, timesteps=(100, 3
     return result
 
 
+def removal_round_trip_objects(pipe, size: int, count: int, seed: int = 0, steps: int = 10, vae=None) -> dict:
+    """Share of removals whose fill holds an object: `resize`'s fill, and that fill after one VAE round trip.
+
+    The quality benchmark's first `count` removals at size x size (its tasks, seed and
+    noise) are filled by `resize`, whose upsampled fill is flat, as stage 2's references
+    are; the round trip (no denoising) is what encoding and decoding that fill at full
+    resolution adds. `vae`: the one to round-trip with (default the pipeline's; a
+    candidate decoder can be measured on the same fills). Returns {"resize",
+    "round_trip", "n"}; truth 0 for both.
+    """
+    from ..evaluation.benchmark import METHODS, benchmark_task
+    from ..evaluation.detector import count_objects
+
+    settings = METHODS["resize"].replace(num_inference_steps=steps)
+    tasks = (benchmark_task(seed, index, size, size, pipe.native_size) for index in itertools.count())
+    removals = list(itertools.islice((task for task in tasks if task.kind == "remove"), count))
+    fills = [
+        pipe(
+            prompt=task.prompt,
+            image=task.image,
+            mask_image=task.mask,
+            generator=torch.Generator().manual_seed(task.seed),
+            settings=settings,
+        ).arrays[0]
+        for task in removals
+    ]
+    resize = round_trip = 0
+    for fill, task in zip(fills, removals, strict=True):
+        decoded = round_trip_pictures(vae or pipe.vae, fill[None, ..., :3])[0]
+        resize += count_objects(fill, task.mask) > 0
+        round_trip += count_objects(np.where(task.mask[..., None], decoded, fill[..., :3]), task.mask) > 0
+    return {"resize": resize / count, "round_trip": round_trip / count, "n": count}
+
+
 def main(argv=None) -> int:
     """Print the competence figures of a tiny backbone folder (default: the shipped one)."""
     import argparse
@@ -207,6 +244,10 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=48, help="insert tasks at native size")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--removals", type=int, default=0, help="also round-trip resize's fills of this many benchmark removals"
+    )
+    parser.add_argument("--removal-size", type=int, default=512, help="the removals' side (4x native: 512)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = PatchAdapterPipeline.from_pretrained(args.model, device="cpu")
@@ -217,6 +258,8 @@ def main(argv=None) -> int:
         "vae_phantom_objects": phantom_objects(pipe.vae),
         "insert_at_native": insert_accuracy(pipe, args.count, steps=args.steps),
     }
+    if args.removals:
+        figures["removal_round_trip_objects"] = removal_round_trip_objects(pipe, args.removal_size, args.removals)
     print(json.dumps(figures, indent=2))
     return 0
 
