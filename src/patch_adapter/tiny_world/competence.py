@@ -226,7 +226,7 @@ def removal_round_trip_objects(pipe, size: int, count: int, seed: int = 0, steps
     ]
     resize = round_trip = 0
     for fill, task in zip(fills, removals, strict=True):
-        decoded = round_trip_pictures(vae or pipe.vae, fill[None, ..., :3])[0]
+        decoded = round_trip_pictures(pipe.vae if vae is None else vae, fill[None, ..., :3])[0]
         resize += count_objects(fill, task.mask) > 0
         round_trip += count_objects(np.where(task.mask[..., None], decoded, fill[..., :3]), task.mask) > 0
     return {"resize": resize / count, "round_trip": round_trip / count, "n": count}
