@@ -105,6 +105,20 @@ def read_back(outputs, tasks) -> dict:
     return {"accuracy": right / n, "colour": colour / n, "single_object": single / n, "n": n}
 
 
+def fill_tasks(pipe, tasks, settings) -> list[np.ndarray]:
+    """Each task inpainted by `pipe` with `settings`, its noise seeded by the task's own seed: the result pictures."""
+    return [
+        pipe(
+            prompt=task.prompt,
+            image=task.image,
+            mask_image=task.mask,
+            generator=torch.Generator().manual_seed(task.seed),
+            settings=settings,
+        ).arrays[0]
+        for task in tasks
+    ]
+
+
 def insert_accuracy(pipe, count: int = 48, seed: int = 0, steps: int = 20, **settings) -> dict:
     """The backbone's competence at its native size: share of inserts whose colour and shape are read back.
 
@@ -115,17 +129,7 @@ def insert_accuracy(pipe, count: int = 48, seed: int = 0, steps: int = 20, **set
     from ..settings import InpaintSettings
 
     tasks = list(native_insert_tasks(count, seed))
-    outputs = [
-        pipe(
-            prompt=task.prompt,
-            image=task.image,
-            mask_image=task.mask,
-            generator=torch.Generator().manual_seed(task.seed),
-            settings=InpaintSettings(num_inference_steps=steps, **settings),
-        ).arrays[0]
-        for task in tasks
-    ]
-    return read_back(outputs, tasks)
+    return read_back(fill_tasks(pipe, tasks, InpaintSettings(num_inference_steps=steps, **settings)), tasks)
 
 
 @torch.no_grad()
@@ -211,19 +215,9 @@ def removal_round_trip_objects(pipe, size: int, count: int, seed: int = 0, steps
     from ..evaluation.benchmark import METHODS, benchmark_task
     from ..evaluation.detector import count_objects
 
-    settings = METHODS["resize"].replace(num_inference_steps=steps)
     tasks = (benchmark_task(seed, index, size, size, pipe.native_size) for index in itertools.count())
     removals = list(itertools.islice((task for task in tasks if task.kind == "remove"), count))
-    fills = [
-        pipe(
-            prompt=task.prompt,
-            image=task.image,
-            mask_image=task.mask,
-            generator=torch.Generator().manual_seed(task.seed),
-            settings=settings,
-        ).arrays[0]
-        for task in removals
-    ]
+    fills = fill_tasks(pipe, removals, METHODS["resize"].replace(num_inference_steps=steps))
     resize = round_trip = 0
     for fill, task in zip(fills, removals, strict=True):
         decoded = round_trip_pictures(pipe.vae if vae is None else vae, fill[None, ..., :3])[0]
