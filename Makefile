@@ -53,7 +53,7 @@ bench-train:
 # train the tiny world's backbone (VAE, text encoders, UNet) and both adapters from scratch, in
 # stages that each write their result into src/patch_adapter/tiny_world/stages (committed), the
 # last one into src/patch_adapter/tiny_world/weights; a finished stage is skipped, so a rerun
-# continues. `make train-tiny STAGE=vae` (or denoiser, adapters) runs one stage (each at most
+# continues. `make train-tiny STAGE=vae` (or decoder, denoiser, adapters) runs one stage (each at most
 # 90 minutes on 2 cores; the denoiser stage adds one round per run); docs/tiny-world.md
 train-tiny:
 	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny $(if $(STAGE),--stage $(STAGE),)

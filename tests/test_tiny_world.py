@@ -93,6 +93,31 @@ def test_the_vae_energy_term_asks_for_texture_strength_not_its_phase():
     assert moved["l1"] > 0.5 * blurred["l1"]  # ...while the copy loss punishes it almost as much as flatness
 
 
+def test_the_decoder_loss_asks_backgrounds_for_texture_not_its_phase_and_punishes_colour_where_none_is():
+    from patch_adapter.tiny_world.competence import textured_backgrounds
+    from patch_adapter.tiny_world.recipe import decoder_loss, model_batch
+
+    x = model_batch(textured_backgrounds(4, 64, seed=1))
+    shifted = torch.roll(x, shifts=(1, 1), dims=(2, 3))  # the same texture at another phase
+    flat = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 4), scale_factor=4)  # what L1 asks for
+    losses = {name: decoder_loss(r, x, 10.0, 1.0, 10.0)[0].item() for name, r in (("same", x), ("moved", shifted))}
+    losses["flat"] = decoder_loss(flat, x, 10.0, 1.0, 10.0)[0].item()
+    assert losses["same"] < 1e-6
+    assert losses["moved"] < 0.2 * losses["flat"]  # texture at its own phase beats the flat mean
+    assert (shifted - x).abs().mean() > 0.5 * (flat - x).abs().mean()  # which plain L1 would not say
+
+    painted = x.clone()
+    painted[:, :, 20:40, 20:40] = torch.tensor([-0.7, 0.6, -0.7]).view(1, 3, 1, 1)  # a green blob on the background
+    _, parts = decoder_loss(painted, x, 10.0, 1.0, 10.0)
+    assert decoder_loss(x, x, 10.0, 1.0, 10.0)[1]["colour"] == 0.0 and parts["colour"] > 0.05
+
+    picture = np.full((1, 32, 32, 3), 128, dtype=np.uint8)
+    picture[0, 8:24, 8:24] = OBJECT_COLOURS["green"]
+    y = model_batch(picture)
+    moved_object = torch.roll(y, shifts=(2, 2), dims=(2, 3))
+    assert decoder_loss(moved_object, y, 10.0, 1.0, 10.0)[1]["objects"] > 0.05  # objects are copied pixel for pixel
+
+
 class Identity(torch.nn.Module):
     """A perfect VAE: its latents are the picture (or, with `factor`, the picture seen at 1/factor)."""
 
@@ -227,6 +252,8 @@ def smoke_recipe(tmp_path, **changes):
         vae_steps=3,
         vae_batch=2,
         vae_check_every=2,
+        decoder_steps=3,
+        decoder_batch=2,
         unet_steps=3,
         unet_batch=2,
         competence_tasks=2,
@@ -243,7 +270,7 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
 
     from patch_adapter.adapters import BUNDLED_ADAPTER_FILE, adapter_state_dict
     from patch_adapter.pipeline import PatchAdapterPipeline
-    from patch_adapter.tiny_world.recipe import train_tiny
+    from patch_adapter.tiny_world.recipe import adapters_stage, backbone_vae, decoder_stage, train_tiny, vae_stage
 
     recipe = smoke_recipe(tmp_path)
     stages = tmp_path / "stages"
@@ -266,9 +293,34 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
     assert shipped.keys() == loaded.keys()
     assert all(torch.equal(shipped[k].float(), loaded[k]) for k in shipped)
     assert any(not torch.equal(loaded[k], untrained[k]) for k in loaded if ".to_out_ref." not in k)
-    # the VAE the backbone ships is the VAE stage's
+    # the VAE the backbone ships is the decoder stage's: the VAE stage's encoder with a tuned decoder
     stage_vae = load_file(str(stages / "vae" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(v.float(), pipe.vae.state_dict()[k]) for k, v in stage_vae.items())
+    tuned_vae = load_file(str(stages / "decoder" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v.float(), pipe.vae.state_dict()[k]) for k, v in tuned_vae.items())
+    encoder = [k for k in stage_vae if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(stage_vae[k], tuned_vae[k]) for k in encoder)
+    assert any(not torch.equal(stage_vae[k], tuned_vae[k]) for k in stage_vae if k.startswith("decoder."))
+    assert report["decoder"]["encoder"] and set(report["decoder"]["after"]) == {
+        "texture_energy_kept",
+        "insert_ceiling",
+        "phantom_objects",
+    }
+
+    # a decoder tuned again after the adapters: the backbone is reassembled with it, the adapters are kept
+    adapter_bytes = (out / BUNDLED_ADAPTER_FILE).read_bytes()
+    shutil.rmtree(stages / "decoder")
+    decoder_stage(dataclasses.replace(recipe, seed=1))
+    adapters_stage(recipe)
+    retuned = load_file(str(stages / "decoder" / "diffusion_pytorch_model.safetensors"))
+    shipped_vae = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, shipped_vae[k]) for k, v in retuned.items())
+    assert any(not torch.equal(v, tuned_vae[k]) for k, v in retuned.items())
+    assert (out / BUNDLED_ADAPTER_FILE).read_bytes() == adapter_bytes
+    # a decoder tuned on another VAE stage's encoder is refused
+    shutil.rmtree(stages / "vae")
+    vae_stage(dataclasses.replace(recipe, seed=1))
+    with pytest.raises(RuntimeError, match="another VAE stage's encoder"):
+        backbone_vae(recipe)
 
 
 def test_a_denoiser_round_continues_from_the_last_rounds_weights(tmp_path):
@@ -334,6 +386,27 @@ def test_the_committed_vae_stage_is_what_its_report_says():
     assert kept["round_trip"] == pytest.approx(report["texture_energy_kept"]["round_trip"], abs=0.01)
     assert kept["down_up_4x"] <= 0.1
     assert phantom_objects(vae) <= 0.15  # measured 0.06 (2 of 32 empty backgrounds); see its docstring
+
+
+def test_the_committed_decoder_stage_keeps_the_vae_stages_encoder_and_draws_texture_without_phantoms():
+    """The recipe's decoder stage in the package: the VAE stage's latents, its figures recompute."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    import patch_adapter.tiny_world as world
+    from patch_adapter.tiny_world.competence import phantom_objects, texture_energy_kept
+    from patch_adapter.tiny_world.recipe import encoder_digest
+
+    stages = Path(world.__file__).parent / "stages"
+    report = json.loads((stages / "decoder" / "report.json").read_text())
+    tuned = AutoencoderKL.from_pretrained(stages / "decoder", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(stages / "vae", torch_dtype=torch.float32).eval()
+    assert encoder_digest(tuned) == encoder_digest(vae) == report["encoder"]
+    kept = texture_energy_kept(tuned)
+    assert kept["round_trip"] == pytest.approx(report["after"]["texture_energy_kept"]["round_trip"], rel=0.05)
+    assert kept["round_trip"] > 100 * texture_energy_kept(vae)["round_trip"]  # measured 0.035 against 0.00005
+    assert phantom_objects(tuned) <= 0.1  # measured 0.03 (1 of 32 empty backgrounds); the VAE stage 0.06
 
 
 def test_the_shipped_backbone_draws_the_asked_colour_as_one_object_at_native_size(pipe):

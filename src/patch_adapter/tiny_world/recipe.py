@@ -1,6 +1,6 @@
 """The tiny backbone's recipe: train it from scratch in the tiny world, then its adapters.
 
-`make train-tiny` runs `train_tiny`: three stages, each writing its result into the
+`make train-tiny` runs `train_tiny`: four stages, each writing its result into the
 package (`stages`, committed) so that work finished is kept if a later stage runs out of
 time, each at most 90 minutes on 2 cores, and each skipped once done:
 
@@ -12,18 +12,25 @@ time, each at most 90 minutes on 2 cores, and each skipped once done:
    (off: it drew texture but cost the objects; docs/tiny-world.md).
    Written to `stages/vae` with its figures (`competence.texture_energy_kept`, the ceiling,
    `competence.phantom_objects`).
-2. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
+2. decoder: that VAE's decoder taught to draw the texture no latent cell can hold
+   (`decoder_loss`: objects copied, backgrounds matched after a 5x5 mean and in
+   texture energy per block, colour where there is none punished), the encoder frozen
+   so the latents stay the VAE stage's. Written to `stages/decoder` with the same
+   figures before and after; the backbone ships this VAE.
+3. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
    the Min-SNR-weighted noise-prediction loss over the views' insert / remove / repaint
    lessons (`views`), with the error inside each lesson's mask counted once more
    (`mask_weight`); EMA weights are kept. One run adds one round of `unet_steps` steps
    from the last round's weights, up to `denoiser_rounds`; each round's report holds
    the inserts read back at native size (`competence.insert_accuracy`) and the digest of
    the VAE whose latents it learnt (rounds on another VAE's latents are refused).
-3. adapters: the backbone of stages 1-2 as a diffusers folder (fp16; its model_index
+4. adapters: the backbone of stages 1-3 as a diffusers folder (fp16; its model_index
    names StableDiffusionXLInpaintPipeline), full-resolution scenes exported as an
    imagefolder, the Dual Context Adapter then the Reference Patch Adapter trained on
    them with the same `train()` as `patch-adapter train stage1|stage2`, and the shipped
-   folder `weights` (what ``"tiny"`` loads) replaced whole.
+   folder `weights` (what ``"tiny"`` loads) replaced whole. A decoder stage finished
+   after them reassembles the backbone and keeps the adapters (they learnt the
+   encoder's latents, which it leaves alone).
 """
 
 from __future__ import annotations
@@ -67,7 +74,13 @@ class TinyRecipe:
     vae_energy_weight: float = 0.0
     vae_energy_start: float = 0.4  # share of the steps before it starts
     vae_energy_full: float = 0.7  # share of the steps at which it reaches its weight
-    # 2. denoiser
+    # 2. decoder: the VAE stage's decoder taught to draw texture (`decoder_loss`); the encoder is kept
+    decoder_steps: int = 900
+    decoder_batch: int = 8  # whole native views: texture everywhere, objects at every size
+    decoder_lr: float = 1e-4
+    decoder_energy_weight: float = 10.0  # each background block asked for the input's texture energy
+    decoder_colour_weight: float = 1.0  # the hinge against colour where the input has none (phantom objects)
+    # 3. denoiser
     unet_steps: int = 6000  # with encoding the views (15 min), a round takes about 75 min on 2 cores
     unet_batch: int = 32
     unet_lr: float = 6e-4
@@ -78,7 +91,7 @@ class TinyRecipe:
     ema_decay: float = 0.999
     competence_tasks: int = 48  # native-size inserts read back after each round (competence.insert_accuracy)
     denoiser_rounds: int = 2  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
-    # 3. adapters (the adapter trainer; any TrainConfig key can be added to these)
+    # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
     adapter_scenes: int = 300
     adapter_sizes: tuple = (512, 1024)  # 4x and 8x native
     stage1: dict = dataclasses.field(
@@ -230,6 +243,90 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
         "l1_last100": float(np.mean([h["l1"] for h in history[-100:]])),
         "energy_last100": float(np.mean([h["energy"] for h in history[-100:]])),
         "insert_ceiling_during": ceilings,
+    }
+
+
+def local_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of each pixel's 5x5 neighbourhood (edges replicated): the picture without its 1-2 px texture."""
+    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+
+
+def decoder_loss(
+    reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float, colour_weight: float, object_weight: float
+) -> tuple[torch.Tensor, dict]:
+    """The decoder stage's loss: copy the objects, synthesize the backgrounds' texture.
+
+    No latent cell holds the phase of 1-2 px lines, dots and grain, so L1 on pixels pulls
+    a decoder to their flat mean (VAE stage 2 keeps 0.00005 of their energy). Here only
+    objects and their edges (`object_share`, grown by 3 px) are copied pixel for pixel
+    (L1 counted `object_weight` + 1 times, and on the Laplacian). Backgrounds are compared
+    after a 5x5 mean (`local_mean`), where the texture averages out, and each 8x8 background
+    block is asked for the input's Laplacian energy (`block_energy`): the decoder draws
+    texture of the right strength at a phase of its own, as SDXL's VAE synthesizes grain.
+    A hinge on colour where the input has none keeps it from painting objects there
+    (`competence.phantom_objects`), which texture-drawing decoders did without it.
+    """
+    objects = F.max_pool2d(object_share(x), 7, stride=1, padding=3)
+    background = 1 - objects
+    copy = ((reconstruction - x).abs() * (1 + object_weight * objects) * objects).mean()
+    edges = ((laplacian(reconstruction) - laplacian(x)).abs() * objects[..., 1:-1, 1:-1]).mean()
+    low = ((local_mean(reconstruction) - local_mean(x)).abs() * background).mean()
+    plain = (F.avg_pool2d(objects[..., 1:-1, 1:-1], 8) < 0.02).float()  # 8x8 blocks (of the Laplacian) with no object
+    strength = block_energy(reconstruction).clamp_min(1e-8).sqrt() - block_energy(x).clamp_min(1e-8).sqrt()
+    energy = (strength.abs() * plain).mean()
+    colour = (object_share(reconstruction) * background).mean()
+    loss = copy + edges + low + energy_weight * energy + colour_weight * colour
+    parts = {
+        "objects": (copy + edges).item(),
+        "background": low.item(),
+        "energy": energy.item(),
+        "colour": colour.item(),
+    }
+    return loss, parts
+
+
+def encoder_digest(vae) -> str:
+    """`weights_digest` of what makes the latents (encoder and quant_conv): equal digests, equal latents."""
+    return weights_digest(torch.nn.ModuleList([m for m in (vae.encoder, vae.quant_conv) if m is not None]))
+
+
+def train_decoder(vae, views: dict, recipe: TinyRecipe) -> dict:
+    """`decoder_loss` on whole views, the encoder frozen; returns its log."""
+    rng = np.random.default_rng(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    vae.requires_grad_(False)
+    parameters = [*vae.decoder.parameters(), *(vae.post_quant_conv.parameters() if vae.post_quant_conv else [])]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.decoder_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    vae.eval()  # the encoder's latents as the denoiser sees them; the decoder has no dropout or batch norm
+    history = []
+    for step in range(recipe.decoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.decoder_lr * cosine_lr(step, recipe.decoder_steps, 30)
+        x = model_batch(views["pixels"][rng.integers(0, len(views["pixels"]), recipe.decoder_batch)])
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator)
+        loss, parts = decoder_loss(
+            vae.decode(latents).sample,
+            x,
+            recipe.decoder_energy_weight,
+            recipe.decoder_colour_weight,
+            recipe.vae_object_weight,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        history.append(parts)
+        if step % 100 == 0 or step == recipe.decoder_steps - 1:
+            recent = {k: np.mean([h[k] for h in history[-100:]]) for k in parts}
+            log(f"decoder step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in recent.items()))
+    vae.requires_grad_(False)
+    return {
+        f"{k}_{part}": float(np.mean([h[k] for h in span]))
+        for k in history[0]
+        for part, span in (("first100", history[:100]), ("last100", history[-100:]))
     }
 
 
@@ -424,6 +521,71 @@ def load_stage_vae(recipe: TinyRecipe):
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
 
 
+def decoder_figures(vae, recipe: TinyRecipe) -> dict:
+    """What a decoder changes: texture kept, inserts read back after a round trip, objects painted on empty backgrounds."""
+    from .competence import phantom_objects, texture_energy_kept, vae_insert_ceiling
+
+    return {
+        "texture_energy_kept": texture_energy_kept(vae),
+        "insert_ceiling": vae_insert_ceiling(vae, recipe.competence_tasks),
+        "phantom_objects": phantom_objects(vae),
+    }
+
+
+def decoder_stage(recipe: TinyRecipe) -> Path:
+    """Stage 2: the VAE stage's decoder taught to draw texture (`decoder_loss`), written to `<stages>/decoder`.
+
+    The encoder stays the VAE stage's bit for bit, so the latents the denoiser learns
+    (and the digest its rounds record) are unchanged, and so are the adapters trained on
+    them: only what the backbone draws from its latents changes (Stable Diffusion's
+    ft-MSE VAE was made the same way). The backbone ships this VAE (`backbone_vae`).
+    """
+    from .architecture import NATIVE_SIZE
+    from .views import VIEWS_VERSION
+
+    folder = Path(recipe.stages) / "decoder"
+    if (folder / "report.json").is_file():
+        log(f"decoder stage already done: {folder}")
+        return folder
+    vae = load_stage_vae(recipe)
+    encoder = encoder_digest(vae)
+    views = make_views(recipe, NATIVE_SIZE)
+    report = {"encoder": encoder, "before": decoder_figures(vae, recipe)}
+    start = time.time()
+    report |= train_decoder(vae, views, recipe)
+    report["seconds"] = time.time() - start
+    vae.to(torch.float16).to(torch.float32)  # the figures are those of the weights the stage writes
+    if encoder_digest(vae) != encoder:
+        raise RuntimeError("the decoder stage changed the encoder: the denoiser's latents would no longer be its")
+    report["after"] = decoder_figures(vae, recipe)
+    report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
+    log(f"decoder: {report}")
+    staging = fresh_staging(folder)
+    vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    write_json(staging / "report.json", report)
+    replace_folder(staging, folder)
+    return folder
+
+
+def backbone_vae(recipe: TinyRecipe):
+    """The VAE the backbone ships: the decoder stage's once it is done, else the VAE stage's (float32).
+
+    Refuses a decoder stage whose encoder is not the VAE stage's: it was tuned on another VAE.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = load_stage_vae(recipe)
+    folder = Path(recipe.stages) / "decoder"
+    if not (folder / "report.json").is_file():
+        return vae
+    tuned = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
+    if encoder_digest(tuned) != encoder_digest(vae):
+        raise RuntimeError(
+            f"the decoder in {folder} was tuned on another VAE stage's encoder; delete {folder} to tune this one's"
+        )
+    return tuned
+
+
 DENOISER_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -452,7 +614,7 @@ def check_same_vae(rounds: list, vae, folder: Path) -> str:
 
 
 def denoiser_stage(recipe: TinyRecipe) -> Path:
-    """Stage 2: one round of denoiser training, written to `<stages>/denoiser`.
+    """Stage 3: one round of denoiser training, written to `<stages>/denoiser`.
 
     Each run of the stage adds one round of `unet_steps` steps (its own warm-up and
     cosine schedule), starting from the previous round's EMA weights, until
@@ -520,7 +682,8 @@ def replace_folder(staging: Path, folder: Path) -> None:
 
 
 def assemble_backbone(recipe: TinyRecipe, folder: Path) -> Path:
-    """The backbone of stages 1-2 as a diffusers folder (fp16; model_index names StableDiffusionXLInpaintPipeline)."""
+    """The backbone of the VAE, decoder and denoiser stages as a diffusers folder (fp16; model_index names
+    StableDiffusionXLInpaintPipeline)."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
     from .architecture import build_tiny_components
@@ -531,14 +694,16 @@ def assemble_backbone(recipe: TinyRecipe, folder: Path) -> Path:
     vae = load_stage_vae(recipe)
     check_same_vae(json.loads((denoiser / "report.json").read_text())["rounds"], vae, denoiser)
     components = build_tiny_components(seed=recipe.seed)
-    components.update(load_denoiser(denoiser, torch.float16), vae=vae.to(torch.float16))
+    components.update(load_denoiser(denoiser, torch.float16), vae=backbone_vae(recipe).to(torch.float16))
     StableDiffusionXLInpaintPipeline(**components).save_pretrained(folder, safe_serialization=True)
-    report = {
-        "vae": json.loads((Path(recipe.stages) / "vae" / "report.json").read_text()),
-        "denoiser": json.loads((denoiser / "report.json").read_text()),
-    }
-    write_json(folder / "recipe_report.json", report)
+    write_json(folder / "recipe_report.json", stage_reports(recipe))
     return folder
+
+
+def stage_reports(recipe: TinyRecipe) -> dict:
+    """The reports of the stages a backbone is assembled from (its `recipe_report.json`)."""
+    folders = {stage: Path(recipe.stages) / stage / "report.json" for stage in ("vae", "decoder", "denoiser")}
+    return {stage: json.loads(path.read_text()) for stage, path in folders.items() if path.is_file()}
 
 
 def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
@@ -620,7 +785,7 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
 
 
 def adapters_stage(recipe: TinyRecipe) -> Path:
-    """Stage 3: DCA then RPA on the assembled backbone; then the shipped folder (`output`) is replaced whole.
+    """Stage 4: DCA then RPA on the assembled backbone; then the shipped folder (`output`) is replaced whole.
 
     The adapter file is kept in `<stages>/adapters` too, so an interrupted copy can be redone.
     """
@@ -630,7 +795,17 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
 
     kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
     backbone = Path(recipe.work) / "backbone"
-    if not (backbone / "model_index.json").is_file():
+    assembled = backbone / "recipe_report.json"
+    if not assembled.is_file() or json.loads(assembled.read_text()) != stage_reports(recipe):
+        # a stage finished since the backbone was assembled; a new decoder leaves the adapters valid (the
+        # latents they learnt are the encoder's), a new VAE or denoiser does not
+        old = json.loads(assembled.read_text()) if assembled.is_file() else {}
+        now = stage_reports(recipe)
+        if kept.is_file() and old and any(old.get(k) != now.get(k) for k in ("vae", "denoiser")):
+            raise RuntimeError(
+                f"the adapters in {kept.parent} were trained on another VAE or denoiser than the stages' now: "
+                f"delete {kept.parent} to train them again"
+            )
         replace_folder(assemble_backbone(recipe, fresh_staging(backbone)), backbone)
     if not kept.is_file():
         trained = train_adapters(recipe, backbone)
@@ -645,7 +820,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     return output
 
 
-STAGES = {"vae": vae_stage, "denoiser": denoiser_stage, "adapters": adapters_stage}
+STAGES = {"vae": vae_stage, "decoder": decoder_stage, "denoiser": denoiser_stage, "adapters": adapters_stage}
 """The recipe's stages in order; each writes its result into the package and is skipped once done."""
 
 
