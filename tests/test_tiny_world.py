@@ -321,6 +321,8 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
     vae_stage(dataclasses.replace(recipe, seed=1))
     with pytest.raises(RuntimeError, match="another VAE stage's encoder"):
         backbone_vae(recipe)
+    with pytest.raises(RuntimeError, match="adapters .* were trained on another VAE or denoiser"):
+        adapters_stage(recipe)  # kept adapters learnt the old VAE's latents: refused before any reassembly
 
 
 def test_a_denoiser_round_continues_from_the_last_rounds_weights(tmp_path):
