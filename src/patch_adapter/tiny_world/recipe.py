@@ -478,11 +478,23 @@ def initial_vae(recipe: TinyRecipe) -> tuple:
     return vae, f"{shipped} (weights {weights_digest(vae)})"
 
 
+def write_vae_stage(vae, report: dict, recipe: TinyRecipe, folder: Path) -> Path:
+    """A VAE stage's result: the fp16 AutoencoderKL folder and its report (with the recipe), in place of `folder`."""
+    from .views import VIEWS_VERSION
+
+    report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
+    log(f"{folder.name}: {report}")
+    staging = fresh_staging(folder)
+    vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    write_json(staging / "report.json", report)
+    replace_folder(staging, folder)
+    return folder
+
+
 def vae_stage(recipe: TinyRecipe) -> Path:
     """Stage 1: the VAE, written to `<stages>/vae` (fp16, a diffusers AutoencoderKL folder) with its report."""
     from .architecture import NATIVE_SIZE
     from .competence import phantom_objects, texture_energy_kept, vae_insert_ceiling
-    from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "vae"
     if (folder / "report.json").is_file():
@@ -502,13 +514,7 @@ def vae_stage(recipe: TinyRecipe) -> Path:
     report["scaling_factor"] = vae.config.scaling_factor
     report["texture_energy_kept"] = texture_energy_kept(vae)
     report["phantom_objects"] = phantom_objects(vae)
-    report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
-    log(f"vae: {report}")
-    staging = fresh_staging(folder)
-    vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
-    write_json(staging / "report.json", report)
-    replace_folder(staging, folder)
-    return folder
+    return write_vae_stage(vae, report, recipe, folder)
 
 
 def load_stage_vae(recipe: TinyRecipe):
@@ -541,7 +547,6 @@ def decoder_stage(recipe: TinyRecipe) -> Path:
     ft-MSE VAE was made the same way). The backbone ships this VAE (`backbone_vae`).
     """
     from .architecture import NATIVE_SIZE
-    from .views import VIEWS_VERSION
 
     folder = Path(recipe.stages) / "decoder"
     if (folder / "report.json").is_file():
@@ -558,13 +563,7 @@ def decoder_stage(recipe: TinyRecipe) -> Path:
     if encoder_digest(vae) != encoder:
         raise RuntimeError("the decoder stage changed the encoder: the denoiser's latents would no longer be its")
     report["after"] = decoder_figures(vae, recipe)
-    report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
-    log(f"decoder: {report}")
-    staging = fresh_staging(folder)
-    vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
-    write_json(staging / "report.json", report)
-    replace_folder(staging, folder)
-    return folder
+    return write_vae_stage(vae, report, recipe, folder)
 
 
 def backbone_vae(recipe: TinyRecipe):
@@ -796,11 +795,11 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
     backbone = Path(recipe.work) / "backbone"
     assembled = backbone / "recipe_report.json"
-    if not assembled.is_file() or json.loads(assembled.read_text()) != stage_reports(recipe):
+    old = json.loads(assembled.read_text()) if assembled.is_file() else {}
+    now = stage_reports(recipe)
+    if not assembled.is_file() or old != now:
         # a stage finished since the backbone was assembled; a new decoder leaves the adapters valid (the
         # latents they learnt are the encoder's), a new VAE or denoiser does not
-        old = json.loads(assembled.read_text()) if assembled.is_file() else {}
-        now = stage_reports(recipe)
         if kept.is_file() and old and any(old.get(k) != now.get(k) for k in ("vae", "denoiser")):
             raise RuntimeError(
                 f"the adapters in {kept.parent} were trained on another VAE or denoiser than the stages' now: "
