@@ -54,9 +54,10 @@ bench-train:
 # stages that each write their result into src/patch_adapter/tiny_world/stages (committed), the
 # last one into src/patch_adapter/tiny_world/weights; a finished stage is skipped, so a rerun
 # continues. `make train-tiny STAGE=vae` (or decoder, denoiser, adapters) runs one stage (each at most
-# 90 minutes on 2 cores; the denoiser stage adds one round per run); docs/tiny-world.md
+# 90 minutes on 2 cores; the denoiser stage adds one round per run); DEVICE=cuda trains on a GPU;
+# docs/tiny-world.md
 train-tiny:
-	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny $(if $(STAGE),--stage $(STAGE),)
+	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny $(if $(STAGE),--stage $(STAGE),) $(if $(DEVICE),--device $(DEVICE),)
 
 # the shipped backbone's competence at native size: VAE texture kept, inserts read back
 tiny-competence:

@@ -177,6 +177,22 @@ def test_plan_regions_follow_the_masks_not_the_box_around_them():
     assert "patch region" in plan.describe()
 
 
+@pytest.mark.parametrize("factor", [8, 4])
+def test_patches_are_planned_on_the_vaes_latent_grid_and_cover_the_mask(factor):
+    """The tiny world's f4 VAE has 4 px per latent: tiles planned on SDXL's 8 px grid would cover the wrong area."""
+    mask = np.zeros((512, 640), dtype=bool)
+    mask[300:460, 420:600] = True
+    plan = make_plan(PLAN_SETTINGS, (640, 512), mask, 128, latent_factor=factor)
+    covered = np.zeros_like(mask)
+    for t in plan.tiles:
+        assert (t.height * factor, t.width * factor) == (128, 128)  # tile_size px, whatever the factor
+        covered[t.top * factor : (t.top + t.height) * factor, t.left * factor : (t.left + t.width) * factor] = True
+    assert covered[mask].all() and covered.mean() < 0.5
+    assert plan.latent_factor == factor and f"top={plan.tiles[0].top * factor} " in plan.describe()
+    with pytest.raises(ValueError, match="must divide 8"):
+        make_plan(PLAN_SETTINGS, (640, 512), mask, 128, latent_factor=16)
+
+
 def test_feather_in_a_tight_box_equals_feather_of_the_whole_mask():
     from patch_adapter.masks import feather_alpha_at
 

@@ -192,13 +192,23 @@ def output_paths(output: str, image_path: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
+def latent_factor_of(model: str) -> int:
+    """Pixels per latent of the backbone's VAE without loading weights (for --plan): 8 unless its config says."""
+    from .backbone import tiny_weights_dir
+
+    config = (tiny_weights_dir() if model == "tiny" else Path(model)) / "vae" / "config.json"
+    if config.is_file():
+        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    return 8  # SDXL
+
+
 def native_size_of(model: str) -> int:
     """The backbone's native size without loading weights (for --plan)."""
     from .backbone import tiny_weights_dir
 
     config = (tiny_weights_dir() if model == "tiny" else Path(model)) / "unet" / "config.json"
     if config.is_file():
-        return int(json.loads(config.read_text())["sample_size"]) * 8
+        return int(json.loads(config.read_text())["sample_size"]) * latent_factor_of(model)
     return 1024  # SDXL
 
 
@@ -227,11 +237,11 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-def plan_from_args(args, size: tuple[int, int], mask, native: int):
+def plan_from_args(args, size: tuple[int, int], mask, native: int, latent_factor: int = 8):
     """The plan the pipeline makes for the same flags, without a model."""
     from .planning import make_plan
 
-    return make_plan(settings_from_args(args), size, mask, native)
+    return make_plan(settings_from_args(args), size, mask, native, latent_factor)
 
 
 def plan_only(args, loaded, mask) -> int:
@@ -239,11 +249,12 @@ def plan_only(args, loaded, mask) -> int:
     from .backbone import backbone_on_meta, resolve_device, resolve_dtype
     from .pipeline import choose_stage2_memory
 
-    plan = plan_from_args(args, loaded.size, mask, native_size_of(args.model))
+    factor = latent_factor_of(args.model)
+    plan = plan_from_args(args, loaded.size, mask, native_size_of(args.model), factor)
     # the memory estimate traces the backbone's models on the meta device: no weights are read
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
-    backbone = types.SimpleNamespace(**backbone_on_meta(args.model, dtype, config=args.config), vae_scale_factor=8)
+    backbone = types.SimpleNamespace(**backbone_on_meta(args.model, dtype, config=args.config), vae_scale_factor=factor)
     install_adapters(backbone.unet)
     plan.stage2 = choose_stage2_memory(backbone, plan, device)
     print(plan.describe())

@@ -297,7 +297,7 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
                 "reference_banks='host' is for accelerators; on the CPU the host is the device "
                 "(use 'recompute' to bound memory)"
             )
-        plan = make_plan(settings, loaded.size, mask, self.native_size)
+        plan = make_plan(settings, loaded.size, mask, self.native_size, self.vae_scale_factor)
         plan.stage2 = choose_stage2_memory(self, plan, self._execution_device)
         return plan
 
@@ -449,7 +449,9 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             check_feather(mask, settings.mask_feather)
         plans = [self._plan(settings, item, mask) for item, mask in zip(loaded, masks, strict=True)]
         generators = per_image_generators(generator, count * num_images_per_prompt)
-        start_latents = per_image_latents(latents, plans, num_images_per_prompt, self.vae.config.latent_channels)
+        start_latents = per_image_latents(
+            latents, plans, num_images_per_prompt, self.vae.config.latent_channels, self.vae_scale_factor
+        )
 
         # 3. Encode the prompts (and IP-Adapter images) once for every stage
         self._guidance_scale = settings.guidance_scale
@@ -1290,7 +1292,7 @@ def per_image_generators(generator, total: int) -> list:
     return [generator] * total
 
 
-def per_image_latents(latents, plans, num_images_per_prompt: int, channels: int) -> list:
+def per_image_latents(latents, plans, num_images_per_prompt: int, channels: int, factor: int = LATENT_FACTOR) -> list:
     """The caller's start noise of the whole-image pass, one (1, C, h, w) slice per output image."""
     total = len(plans) * num_images_per_prompt
     if latents is None:
@@ -1304,7 +1306,7 @@ def per_image_latents(latents, plans, num_images_per_prompt: int, channels: int)
     if len(sizes) > 1:
         raise ValueError(f"latents cannot serve images whose whole-image passes differ in size ({sorted(sizes)})")
     width, height = sizes.pop() if sizes else (0, 0)
-    expected = (total, channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
+    expected = (total, channels, height // factor, width // factor)
     if tuple(latents.shape) != expected:
         raise ValueError(
             f"latents must have shape {expected} (images, channels, and the whole-image pass's "

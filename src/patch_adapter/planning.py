@@ -73,6 +73,7 @@ class InpaintPlan:
     stage1_steps: int = 0
     tile_size: int = 0  # latents
     tile_overlap: int = 0  # latents
+    latent_factor: int = LATENT_FACTOR  # pixels per latent of the VAE the tiles are planned for
     groups: list[list[Tile]] = field(default_factory=list)  # tiles that overlap, fused and decoded together
     stage2_steps: int = 0
     reference_passes: int = 0
@@ -116,7 +117,7 @@ class InpaintPlan:
                 f"{self.stage1_steps} steps"
             )
         if self.tiles:
-            px = LATENT_FACTOR
+            px = self.latent_factor
             lines.append(
                 f"patches: {len(self.tiles)} of {self.tile_size * px} px, overlap {self.tile_overlap * px} px, "
                 f"{self.stage2_steps} steps each, {self.reference_passes} reference passes"
@@ -157,18 +158,34 @@ def generation_mask(mask: np.ndarray, dilation: int) -> np.ndarray:
     return out
 
 
-def make_plan(settings: InpaintSettings, image_size: tuple[int, int], mask: np.ndarray, native: int) -> InpaintPlan:
+def make_plan(
+    settings: InpaintSettings,
+    image_size: tuple[int, int],
+    mask: np.ndarray,
+    native: int,
+    latent_factor: int = LATENT_FACTOR,
+) -> InpaintPlan:
     """Plan an inpaint; `mask` is the (height, width) bool mask at full resolution.
 
     `settings` are resolved against `native` here, and the plan keeps the resolved copy.
+    `latent_factor`: pixels per latent of the backbone's VAE (SDXL's 8; the tiny world's
+    f4 VAE 4); the patches are planned on its latent grid. Pixel sizes stay multiples
+    of 8, so the factor must divide 8.
     """
+    if latent_factor <= 0 or LATENT_FACTOR % latent_factor:
+        raise ValueError(f"a VAE with {latent_factor} pixels per latent is not supported: it must divide 8")
     settings = settings.resolved(native)
     spec = settings.spec
     width, height = image_size
     if mask.shape != (height, width):
         raise ValueError(f"mask shape {mask.shape} does not match image size {width}x{height}")
     plan = InpaintPlan(
-        method=settings.method, image_size=(width, height), native=native, guidance=settings.guided, settings=settings
+        method=settings.method,
+        image_size=(width, height),
+        native=native,
+        guidance=settings.guided,
+        settings=settings,
+        latent_factor=latent_factor,
     )
     if not mask.any():
         plan.empty_mask = True
@@ -193,8 +210,8 @@ def make_plan(settings: InpaintSettings, image_size: tuple[int, int], mask: np.n
         plan.stage1_box = (0, 0, height, width)
         plan.stage1_steps = stage1_steps
     if spec.patches:
-        tile, overlap = settings.tile_size // LATENT_FACTOR, settings.tile_overlap // LATENT_FACTOR
-        lat_mask = latent_mask(generation_mask(mask, settings.mask_dilation), LATENT_FACTOR)
+        tile, overlap = settings.tile_size // latent_factor, settings.tile_overlap // latent_factor
+        lat_mask = latent_mask(generation_mask(mask, settings.mask_dilation), latent_factor)
         grid = plan_tiles(lat_mask.shape, tile, overlap)
         plan.groups = group_tiles(tiles_touching(grid, lat_mask))
         plan.tile_size, plan.tile_overlap = tile, overlap

@@ -1,6 +1,7 @@
 """Tile planning and fusion for stage 2 (pure functions over sizes and tensors).
 
-Everything here is in latent units (1 latent = 8 pixels). The full-resolution canvas
+Everything here is in latent units (1 latent = the VAE's factor in pixels: 8 for SDXL, 4 for the
+tiny world's f4 VAE; `planning.make_plan` takes it). The full-resolution canvas
 is covered by a regular grid of native-size tiles with overlap; only tiles that touch
 the (dilated) mask are processed, so the cost follows the mask's area, not the
 image's. Overlapping tiles are fused by weighted averaging with smooth windows

@@ -11,12 +11,45 @@ import torch
 from .tokenizer import tiny_tokenizer
 
 NATIVE_SIZE = 128
-"""The tiny backbone's native side in pixels (its UNet's sample size times 8)."""
+"""The tiny backbone's native side in pixels (its UNet's sample size times the VAE's factor)."""
+
+LATENT_SHAPES = {8: "SDXL's: an 8x smaller latent grid, 16x16 at native size", 4: "32x32 latents at native size"}
+"""The VAE's downsampling factors the tiny world builds (`tiny_configs`)."""
 
 
-def tiny_configs() -> dict:
-    """Configs of the tiny backbone: SDXL-inpainting's structure at small widths."""
+def tiny_configs(latent_factor: int = 8, latent_channels: int = 4) -> dict:
+    """Configs of the tiny backbone: SDXL-inpainting's structure at small widths.
+
+    `latent_factor` 8 is SDXL's (16x16 latents at native size: an inserted object is 2-4
+    cells wide, too few for its shape, docs/tiny-world.md); 4 gives the VAE one level less
+    and the UNet one more (a cheap 32x32 level without attention), so the UNet's inner
+    levels, where the text attends, keep their sizes. `latent_channels` is SDXL's 4 or
+    more (newer VAEs have 16); the inpainting UNet takes 2 x channels + 1 (noisy and
+    masked latents, mask).
+    """
+    if latent_factor not in LATENT_SHAPES:
+        raise ValueError(f"latent_factor must be one of {sorted(LATENT_SHAPES)}, not {latent_factor}")
+    if latent_channels < 1:
+        raise ValueError(f"latent_channels must be at least 1, not {latent_channels}")
     text_dim, pooled_dim, time_dim = 32, 32, 8
+    if latent_factor == 8:
+        unet_levels = dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),
+        )
+        vae_widths = (32, 32, 64, 64)  # its texture: docs/tiny-world-probe.md
+    else:
+        unet_levels = dict(
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 64, 64),
+            transformer_layers_per_block=(1, 1, 1, 2),
+            attention_head_dim=(2, 2, 4, 4),
+        )
+        vae_widths = (32, 64, 64)
     text_encoder = dict(
         hidden_size=text_dim,
         intermediate_size=64,
@@ -28,15 +61,11 @@ def tiny_configs() -> dict:
     )
     return {
         "unet": dict(
-            sample_size=NATIVE_SIZE // 8,
-            in_channels=9,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64),
+            sample_size=NATIVE_SIZE // latent_factor,
+            in_channels=2 * latent_channels + 1,
+            out_channels=latent_channels,
+            **unet_levels,
             layers_per_block=1,
-            transformer_layers_per_block=(1, 1, 2),
-            attention_head_dim=(2, 4, 4),
             norm_num_groups=16,
             cross_attention_dim=2 * text_dim,  # concatenated features of both text encoders
             use_linear_projection=True,
@@ -47,12 +76,12 @@ def tiny_configs() -> dict:
         "vae": dict(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),  # its texture: docs/tiny-world-probe.md
+            down_block_types=("DownEncoderBlock2D",) * len(vae_widths),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_widths),
+            block_out_channels=vae_widths,
             layers_per_block=1,
             norm_num_groups=8,
-            latent_channels=4,
+            latent_channels=latent_channels,
             sample_size=NATIVE_SIZE,
             scaling_factor=0.13025,
             force_upcast=False,  # fp32 VAE; SDXL's fp16 VAE is upcast by the pipeline
@@ -72,8 +101,8 @@ def tiny_configs() -> dict:
     }
 
 
-def build_tiny_components(seed: int = 0) -> dict:
-    """The tiny backbone with deterministic random weights (no download).
+def build_tiny_components(seed: int = 0, latent_factor: int = 8, latent_channels: int = 4) -> dict:
+    """The tiny backbone with deterministic random weights (no download); the latent shape as `tiny_configs`'s.
 
     Each component is built under its own seed so that changing one config leaves
     the others' weights as they were. Global RNG state is left untouched.
@@ -81,7 +110,7 @@ def build_tiny_components(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    configs = tiny_configs()
+    configs = tiny_configs(latent_factor, latent_channels)
     tokenizer = tiny_tokenizer()
     vocab_size = len(tokenizer)
 

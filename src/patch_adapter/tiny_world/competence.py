@@ -31,7 +31,7 @@ def textured_backgrounds(count: int, side: int, seed: int = 0) -> np.ndarray:
 
 def laplacian(x: torch.Tensor) -> torch.Tensor:
     """4-neighbour Laplacian of each channel of (B, C, H, W), without padding: (B, C, H - 2, W - 2)."""
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype, device=x.device)
     kernel = kernel.view(1, 1, 3, 3).repeat(x.shape[1], 1, 1, 1)
     return F.conv2d(x, kernel, groups=x.shape[1])
 
@@ -44,11 +44,11 @@ def laplacian_energy(pixels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def vae_round_trip(vae, pictures: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> the VAE's reconstruction of them (latent mode), in [0, 1]."""
-    dtype = next(vae.parameters()).dtype
+    weight = next(vae.parameters())
     round_trips = []
     for batch in pictures.split(16):
-        latents = vae.encode(to_model_range(batch).to(dtype)).latent_dist.mode()
-        round_trips.append(from_model_range(vae.decode(latents).sample.float()).clamp(0, 1))
+        latents = vae.encode(to_model_range(batch).to(weight.device, weight.dtype)).latent_dist.mode()
+        round_trips.append(from_model_range(vae.decode(latents).sample.float().cpu()).clamp(0, 1))
     return torch.cat(round_trips)
 
 
@@ -177,9 +177,10 @@ def mask_errors(pipe, latents, masked_latents, masks, prompts, timesteps=(100, 3
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     factor = pipe.vae_scale_factor
-    mask = stage_latent_mask(masks.float(), "stage2", factor)
+    latents, masked_latents = latents.to(pipe._execution_device), masked_latents.to(pipe._execution_device)
+    mask = stage_latent_mask(masks.float(), "stage2", factor).to(latents.device)
     inside_share = mask.expand(-1, latents.shape[1], -1, -1)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     prompts = list(prompts)
     captions = {"caption": prompts, "no_caption": [""] * len(prompts), "other_caption": prompts[1:] + prompts[:1]}
     result = {"timesteps": list(timesteps)}
@@ -190,7 +191,7 @@ def mask_errors(pipe, latents, masked_latents, masks, prompts, timesteps=(100, 3
         )
         inside, outside = [], []
         for t in timesteps:
-            step = torch.full((len(texts),), t)
+            step = torch.full((len(texts),), t, device=latents.device)
             noisy = scheduler.add_noise(latents, noise, step)
             prediction = predict_noise(
                 pipe.unet, noisy, mask, masked_latents, step, embeds, pooled, time_ids, {"dca_scale": 0.0}

@@ -2,9 +2,12 @@
 
 `make train-tiny` runs `train_tiny`: four stages, each writing its result into the
 package (`stages`, committed) so that work finished is kept if a later stage runs out of
-time, each at most 90 minutes on 2 cores, and each skipped once done:
+time, and each skipped once done. Every stage runs on the CPU (the defaults' cost on 2
+cores is in docs/tiny-world.md) or, with `device` "cuda", on a GPU, where the committed
+stages were trained:
 
-1. vae: reconstruct native-size views, starting from the shipped backbone's VAE, with
+1. vae: reconstruct native-size views with the recipe's latent shape (f4 by default:
+   32x32 latents at native size), from random weights or the shipped backbone's VAE, with
    L1 on pixels (object pixels counted more, crops centred on objects) and on their
    Laplacian (`vae_loss`): objects are a few percent of the pixels, and a VAE that
    returns them as blobs caps what any UNet can draw (`competence.vae_insert_ceiling`).
@@ -16,9 +19,11 @@ time, each at most 90 minutes on 2 cores, and each skipped once done:
    (`decoder_loss`: objects copied, backgrounds matched after a 5x5 mean and in
    texture energy per block, colour where there is none punished), the encoder frozen
    so the latents stay the VAE stage's. Written to `stages/decoder` with the same
-   figures before and after; the backbone ships this VAE.
-3. denoiser: the 9-channel inpainting UNet and both text encoders, trained together on
-   the Min-SNR-weighted noise-prediction loss over the views' insert / remove / repaint
+   figures before and after; the backbone ships this VAE, unless it paints objects on
+   empty backgrounds (`decoder_max_phantoms`: then only its report is written).
+3. denoiser: the inpainting UNet (of the VAE stage's latent shape) and both text
+   encoders, trained together on the Min-SNR-weighted noise-prediction loss over the
+   views' insert / remove / repaint
    lessons (`views`), with the error inside each lesson's mask counted once more
    (`mask_weight`); EMA weights are kept. One run adds one round of `unet_steps` steps
    from the last round's weights, up to `denoiser_rounds`; each round's report holds
@@ -58,17 +63,25 @@ class TinyRecipe:
     work: str = "build/tiny"  # views, intermediate models and adapter runs
     seed: int = 0
     threads: int = 2  # torch threads (the recipe is timed on 2 cores)
+    device: str = "cpu"  # where the models train ("cuda" on a GPU); the figures are computed there too
+    # the latent shape (`architecture.tiny_configs`): the VAE stage builds it, the denoiser follows the VAE stage's.
+    # f4: 32x32 latents at native size (an f8 VAE's round trips read back at most 0.73-0.77 of the inserts, f4 0.90)
+    latent_factor: int = 4
+    latent_channels: int = 4
+    # a wall-clock time (seconds since the epoch) at which a stage's training loop stops early, for runs on a
+    # lent machine that must end in time; 0: none. The reports record the steps done (`steps_done`)
+    stop_at: float = 0.0
     views: int = 16000  # training views of the denoiser (each with its own lesson and mask)
-    # 1. VAE
-    vae_init: str = "shipped"  # "shipped": start from the shipped backbone's VAE (`output`), "random": from scratch
-    vae_steps: int = 2500
-    vae_batch: int = 16
+    # 1. VAE (the committed stage ran these on a GPU, 2,360 steps; docs/tiny-world.md, "The GPU sweep")
+    vae_init: str = "random"  # "random": from scratch; "shipped": from the shipped backbone's VAE (`output`)
+    vae_steps: int = 1600  # 87 minutes on 2 cores (3.3 s a step); the committed stage ran 2,360 on a GPU
+    vae_batch: int = 64
     vae_crop: int = 64  # crops of the views; the VAE is convolutional
     vae_object_crops: float = 0.8  # share of crops centred near an object pixel (objects are a few % of the pixels)
     vae_object_weight: float = 10.0  # extra L1 weight of object pixels (`vae_loss`)
-    vae_lr: float = 5e-4
+    vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    vae_check_every: int = 500  # steps between read-backs of round-tripped inserts (`competence.vae_insert_ceiling`)
+    vae_check_every: int = 400  # steps between read-backs of round-tripped inserts (`competence.vae_insert_ceiling`)
     # the block-energy term (see `vae_loss`): off while the copy loss converges, then ramped up. Off by default:
     # at weight 10 it drew texture but cost the objects (docs/tiny-world.md, "The VAE's objects")
     vae_energy_weight: float = 0.0
@@ -80,9 +93,11 @@ class TinyRecipe:
     decoder_lr: float = 1e-4
     decoder_energy_weight: float = 10.0  # each background block asked for the input's texture energy
     decoder_colour_weight: float = 1.0  # the hinge against colour where the input has none (phantom objects)
+    # a tuned decoder that paints more objects than this per empty background is not shipped (`decoder_stage`)
+    decoder_max_phantoms: float = 0.1
     # 3. denoiser
-    unet_steps: int = 6000  # with encoding the views (15 min), a round takes about 75 min on 2 cores
-    unet_batch: int = 32
+    unet_steps: int = 1450  # a round (the committed ones: 1,131 and 1,434 steps on a GPU, stopped by `stop_at`)
+    unet_batch: int = 128
     unet_lr: float = 6e-4
     unet_warmup: int = 200
     caption_dropout: float = 0.1
@@ -114,6 +129,14 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def out_of_time(recipe: TinyRecipe, step: int) -> bool:
+    """True once `recipe.stop_at` has passed (never before a first step): the training loop then stops early."""
+    if step and recipe.stop_at and time.time() > recipe.stop_at:
+        log(f"stopping at step {step}: the run's time (stop_at) is up")
+        return True
+    return False
 
 
 def make_views(recipe: TinyRecipe, native: int) -> dict:
@@ -182,14 +205,29 @@ def vae_loss(
     return loss, {"l1": F.l1_loss(reconstruction, x).item(), "laplacian_l1": detail.item(), "energy": energy.item()}
 
 
-def vae_crops(rng: np.random.Generator, pixels: np.ndarray, index: np.ndarray, recipe: TinyRecipe) -> np.ndarray:
-    """(B, crop, crop, 3) crops of the views `index`: `vae_object_crops` of them centred near an object pixel."""
+def object_pixels(pixels: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """(N, H, W, 3) uint8 views -> (N, H, W) bool: the detector's object pixels (strongly coloured)."""
     from ..evaluation.detector import BACKGROUND_CHROMA, chroma
 
+    return np.concatenate(
+        [
+            np.linalg.norm(chroma(pixels[i : i + chunk]), axis=-1) > BACKGROUND_CHROMA
+            for i in range(0, len(pixels), chunk)
+        ]
+    )
+
+
+def vae_crops(
+    rng: np.random.Generator, pixels: np.ndarray, objects: np.ndarray, index: np.ndarray, recipe: TinyRecipe
+) -> np.ndarray:
+    """(B, crop, crop, 3) crops of the views `index`: `vae_object_crops` of them centred near an object pixel.
+
+    `objects`: the views' `object_pixels`, computed once (per crop it was most of a GPU step's time).
+    """
     side, crop = pixels.shape[1], recipe.vae_crop
     out = []
     for i in index:
-        ys, xs = np.nonzero(np.linalg.norm(chroma(pixels[i]), axis=-1) > BACKGROUND_CHROMA)
+        ys, xs = np.nonzero(objects[i])
         if len(ys) and rng.random() < recipe.vae_object_crops:
             k = rng.integers(len(ys))
             centre = np.array([ys[k], xs[k]]) + rng.integers(-crop // 3, crop // 3 + 1, size=2)
@@ -211,15 +249,18 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
     from .competence import vae_insert_ceiling
 
     rng = np.random.default_rng(recipe.seed)
+    objects = object_pixels(views["pixels"])
+    vae.to(recipe.device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     vae.train()
     history, ceilings = [], []
     for step in range(recipe.vae_steps):
+        if out_of_time(recipe, step):
+            break
         for group in optimizer.param_groups:
             group["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 100)
-        x = model_batch(
-            vae_crops(rng, views["pixels"], rng.integers(0, len(views["pixels"]), recipe.vae_batch), recipe)
-        )
+        index = rng.integers(0, len(views["pixels"]), recipe.vae_batch)
+        x = model_batch(vae_crops(rng, views["pixels"], objects, index, recipe)).to(recipe.device)
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss, parts = vae_loss(reconstruction, x, energy_weight_at(step, recipe), recipe.vae_object_weight)
@@ -243,6 +284,7 @@ def train_vae(vae, views: dict, recipe: TinyRecipe) -> dict:
         "l1_last100": float(np.mean([h["l1"] for h in history[-100:]])),
         "energy_last100": float(np.mean([h["energy"] for h in history[-100:]])),
         "insert_ceiling_during": ceilings,
+        "steps_done": len(history),
     }
 
 
@@ -293,8 +335,8 @@ def encoder_digest(vae) -> str:
 def train_decoder(vae, views: dict, recipe: TinyRecipe) -> dict:
     """`decoder_loss` on whole views, the encoder frozen; returns its log."""
     rng = np.random.default_rng(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    vae.requires_grad_(False)
+    generator = torch.Generator(recipe.device).manual_seed(recipe.seed)
+    vae.to(recipe.device).requires_grad_(False)
     parameters = [*vae.decoder.parameters(), *(vae.post_quant_conv.parameters() if vae.post_quant_conv else [])]
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -302,9 +344,11 @@ def train_decoder(vae, views: dict, recipe: TinyRecipe) -> dict:
     vae.eval()  # the encoder's latents as the denoiser sees them; the decoder has no dropout or batch norm
     history = []
     for step in range(recipe.decoder_steps):
+        if out_of_time(recipe, step):
+            break
         for group in optimizer.param_groups:
             group["lr"] = recipe.decoder_lr * cosine_lr(step, recipe.decoder_steps, 30)
-        x = model_batch(views["pixels"][rng.integers(0, len(views["pixels"]), recipe.decoder_batch)])
+        x = model_batch(views["pixels"][rng.integers(0, len(views["pixels"]), recipe.decoder_batch)]).to(recipe.device)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample(generator)
         loss, parts = decoder_loss(
@@ -327,14 +371,14 @@ def train_decoder(vae, views: dict, recipe: TinyRecipe) -> dict:
         f"{k}_{part}": float(np.mean([h[k] for h in span]))
         for k in history[0]
         for part, span in (("first100", history[:100]), ("last100", history[-100:]))
-    }
+    } | {"steps_done": len(history)}
 
 
 @torch.no_grad()
 def fit_latent_scale(vae, views: dict, count: int = 256) -> float:
     """SD's recipe: scaling_factor = 1 / std of the latents, so the UNet sees unit variance."""
     latents = [
-        vae.encode(model_batch(views["pixels"][i : i + 32])).latent_dist.mean
+        vae.encode(model_batch(views["pixels"][i : i + 32]).to(vae.device)).latent_dist.mean
         for i in range(0, min(count, len(views["pixels"])), 32)
     ]
     return float(1.0 / torch.cat(latents).std())
@@ -342,13 +386,13 @@ def fit_latent_scale(vae, views: dict, count: int = 256) -> float:
 
 @torch.no_grad()
 def encode_views(pipe, views: dict, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents of each target view, and of it with the mask area grey (the UNet's 9-channel input)."""
+    """Latents of each target view, and of it with the mask area grey (the UNet's 9-channel input), on the CPU."""
     targets, masked = [], []
     for i in range(0, len(views["pixels"]), batch):
         x = model_batch(views["pixels"][i : i + batch])
         keep = torch.from_numpy(~views["mask"][i : i + batch])[:, None].float()
-        targets.append(pipe.encode(x))
-        masked.append(pipe.encode(x * keep))
+        targets.append(pipe.encode(x).cpu())
+        masked.append(pipe.encode(x * keep).cpu())
     return torch.cat(targets), torch.cat(masked)
 
 
@@ -356,7 +400,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     """A short hash of a module's weights: which VAE a cache or a stage started from."""
     import hashlib
 
-    return hashlib.sha1(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()[:12]
+    return hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in module.state_dict().values())).hexdigest()[:12]
 
 
 def cached_latents(pipe, views: dict, recipe: TinyRecipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,9 +427,9 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded: tuple[torch.T
 
     from ..training.trainer import denoising_loss, encode_captions, micro_time_ids, stage_latent_mask
 
-    latents, masked_latents = encoded
+    latents, masked_latents = (e.to(recipe.device) for e in encoded)
     log(f"encoded {len(latents)} views: latent std {latents.std():.3f}")
-    masks = torch.from_numpy(views["mask"])[:, None].float()
+    masks = torch.from_numpy(views["mask"])[:, None].float().to(recipe.device)
     prompts = views["prompt"]
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     modules = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
@@ -399,9 +443,11 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded: tuple[torch.T
     factor = pipe.vae_scale_factor
     history = []
     for step in range(recipe.unet_steps):
+        if out_of_time(recipe, step):
+            break
         for group in optimizer.param_groups:
             group["lr"] = recipe.unet_lr * cosine_lr(step, recipe.unet_steps, recipe.unet_warmup)
-        index = torch.from_numpy(rng.integers(0, len(latents), recipe.unet_batch))
+        index = torch.from_numpy(rng.integers(0, len(latents), recipe.unet_batch)).to(recipe.device)
         x0, masked = latents[index], masked_latents[index]
         # both stages' latent masks: stage 1 resizes (nearest), stage 2 max-pools
         mask = stage_latent_mask(masks[index], "stage1" if step % 2 else "stage2", factor)
@@ -434,7 +480,11 @@ def train_denoiser(pipe, views: dict, recipe: TinyRecipe, encoded: tuple[torch.T
     ema.copy_to(params)
     for m in modules:
         m.eval().requires_grad_(False)
-    return {"loss_first100": float(np.mean(history[:100])), "loss_last100": float(np.mean(history[-100:]))}
+    return {
+        "loss_first100": float(np.mean(history[:100])),
+        "loss_last100": float(np.mean(history[-100:])),
+        "steps_done": len(history),
+    }
 
 
 def copy_atomically(source: Path, target: Path) -> None:
@@ -466,7 +516,8 @@ def initial_vae(recipe: TinyRecipe) -> tuple:
     from .architecture import build_tiny_components
 
     if recipe.vae_init == "random":
-        return build_tiny_components(seed=recipe.seed)["vae"], "random"
+        shape = dict(latent_factor=recipe.latent_factor, latent_channels=recipe.latent_channels)
+        return build_tiny_components(seed=recipe.seed, **shape)["vae"], "random"
     shipped = Path(recipe.output) / "vae"
     if recipe.vae_init != "shipped":
         raise ValueError(f"vae_init must be 'shipped' or 'random', not {recipe.vae_init!r}")
@@ -475,17 +526,33 @@ def initial_vae(recipe: TinyRecipe) -> tuple:
             f"{shipped} holds no VAE to start from: run with --vae-init random to start from scratch"
         )
     vae = AutoencoderKL.from_pretrained(shipped, torch_dtype=torch.float32)
+    if latent_shape(vae) != (recipe.latent_factor, recipe.latent_channels):
+        raise ValueError(
+            f"the shipped VAE in {shipped} has latent factor and channels {latent_shape(vae)}, the recipe asks for "
+            f"{(recipe.latent_factor, recipe.latent_channels)}: run with --vae-init random to start from scratch"
+        )
     return vae, f"{shipped} (weights {weights_digest(vae)})"
 
 
+def latent_shape(vae) -> tuple[int, int]:
+    """(downsampling factor, latent channels) of an AutoencoderKL, as `architecture.tiny_configs` takes them."""
+    return 2 ** (len(vae.config.block_out_channels) - 1), int(vae.config.latent_channels)
+
+
 def write_vae_stage(vae, report: dict, recipe: TinyRecipe, folder: Path) -> Path:
-    """A VAE stage's result: the fp16 AutoencoderKL folder and its report (with the recipe), in place of `folder`."""
+    """A VAE stage's result: the fp16 AutoencoderKL folder and its report (with the recipe), in place of `folder`.
+
+    `vae` None writes the report alone (a decoder stage whose result was rejected).
+    """
     from .views import VIEWS_VERSION
 
     report["recipe"] = dataclasses.asdict(recipe) | {"views_version": VIEWS_VERSION}
     log(f"{folder.name}: {report}")
     staging = fresh_staging(folder)
-    vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    if vae is None:
+        staging.mkdir(parents=True)
+    else:
+        vae.to(torch.float16).save_pretrained(staging, safe_serialization=True)
     write_json(staging / "report.json", report)
     replace_folder(staging, folder)
     return folder
@@ -501,6 +568,7 @@ def vae_stage(recipe: TinyRecipe) -> Path:
         log(f"vae stage already done: {folder}")
         return folder
     vae, init = initial_vae(recipe)
+    vae.to(recipe.device)
     start = time.time()
     views = make_views(recipe, NATIVE_SIZE)
     log(f"{len(views['pixels'])} views in {time.time() - start:.0f} s")
@@ -552,7 +620,7 @@ def decoder_stage(recipe: TinyRecipe) -> Path:
     if (folder / "report.json").is_file():
         log(f"decoder stage already done: {folder}")
         return folder
-    vae = load_stage_vae(recipe)
+    vae = load_stage_vae(recipe).to(recipe.device)
     encoder = encoder_digest(vae)
     views = make_views(recipe, NATIVE_SIZE)
     report = {"encoder": encoder, "before": decoder_figures(vae, recipe)}
@@ -563,11 +631,19 @@ def decoder_stage(recipe: TinyRecipe) -> Path:
     if encoder_digest(vae) != encoder:
         raise RuntimeError("the decoder stage changed the encoder: the denoiser's latents would no longer be its")
     report["after"] = decoder_figures(vae, recipe)
+    if report["after"]["phantom_objects"] > recipe.decoder_max_phantoms:
+        # a backbone that paints objects on empty backgrounds paints them into removals too: the stage is done,
+        # its report says why, and the backbone keeps the VAE stage's decoder (`backbone_vae`)
+        report["rejected"] = (
+            f"{report['after']['phantom_objects']:.3f} phantom objects per empty background, more than "
+            f"decoder_max_phantoms {recipe.decoder_max_phantoms}: the VAE stage's decoder is kept"
+        )
+        return write_vae_stage(None, report, recipe, folder)
     return write_vae_stage(vae, report, recipe, folder)
 
 
 def backbone_vae(recipe: TinyRecipe):
-    """The VAE the backbone ships: the decoder stage's once it is done, else the VAE stage's (float32).
+    """The VAE the backbone ships: the decoder stage's once it is done (and not rejected), else the VAE stage's.
 
     Refuses a decoder stage whose encoder is not the VAE stage's: it was tuned on another VAE.
     """
@@ -575,7 +651,7 @@ def backbone_vae(recipe: TinyRecipe):
 
     vae = load_stage_vae(recipe)
     folder = Path(recipe.stages) / "decoder"
-    if not (folder / "report.json").is_file():
+    if not (folder / "report.json").is_file() or "rejected" in json.loads((folder / "report.json").read_text()):
         return vae
     tuned = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
     if encoder_digest(tuned) != encoder_digest(vae):
@@ -633,11 +709,12 @@ def denoiser_stage(recipe: TinyRecipe) -> Path:
     if len(rounds) >= recipe.denoiser_rounds:
         log(f"denoiser stage already done ({len(rounds)} rounds): {folder}")
         return folder
-    components = build_tiny_components(seed=recipe.seed)
+    factor, channels = latent_shape(stage_vae)  # the UNet's latents are the VAE stage's
+    components = build_tiny_components(seed=recipe.seed, latent_factor=factor, latent_channels=channels)
     components["vae"] = stage_vae
     if rounds:
         components.update(load_denoiser(folder, torch.float32))
-    pipe = PatchAdapterPipeline(**components)
+    pipe = PatchAdapterPipeline(**components).to(recipe.device)
     pipe.set_progress_bar_config(disable=True)
     views = make_views(recipe, pipe.native_size)
     start = time.time()
@@ -786,29 +863,33 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
 def adapters_stage(recipe: TinyRecipe) -> Path:
     """Stage 4: DCA then RPA on the assembled backbone; then the shipped folder (`output`) is replaced whole.
 
-    The adapter file is kept in `<stages>/adapters` too, so an interrupted copy can be redone.
+    The adapter file is kept in `<stages>/adapters` too, with the VAE and denoiser reports it was trained on
+    (`trained_on.json`): committed, so that a fresh clone ships them without training, and refused once
+    those stages change (a new decoder leaves them valid: the latents they learnt are the encoder's).
     """
     import shutil
 
     from ..adapters import BUNDLED_ADAPTER_FILE
 
     kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
+    trained_on_file = kept.parent / "trained_on.json"
     backbone = Path(recipe.work) / "backbone"
     assembled = backbone / "recipe_report.json"
     old = json.loads(assembled.read_text()) if assembled.is_file() else {}
     now = stage_reports(recipe)
-    if not assembled.is_file() or old != now:
-        # a stage finished since the backbone was assembled; a new decoder leaves the adapters valid (the
-        # latents they learnt are the encoder's), a new VAE or denoiser does not
-        if kept.is_file() and old and any(old.get(k) != now.get(k) for k in ("vae", "denoiser")):
-            raise RuntimeError(
-                f"the adapters in {kept.parent} were trained on another VAE or denoiser than the stages' now: "
-                f"delete {kept.parent} to train them again"
-            )
+    # adapters kept from before `trained_on.json` existed are checked against the backbone they were assembled with
+    trained_on = json.loads(trained_on_file.read_text()) if trained_on_file.is_file() else old
+    if kept.is_file() and trained_on and any(trained_on.get(k) != now.get(k) for k in ("vae", "denoiser")):
+        raise RuntimeError(
+            f"the adapters in {kept.parent} were trained on another VAE or denoiser than the stages' now: "
+            f"delete {kept.parent} to train them again"
+        )
+    if not assembled.is_file() or old != now:  # a stage finished since the backbone was assembled
         replace_folder(assemble_backbone(recipe, fresh_staging(backbone)), backbone)
     if not kept.is_file():
         trained = train_adapters(recipe, backbone)
         kept.parent.mkdir(parents=True, exist_ok=True)
+        write_json(trained_on_file, {k: now[k] for k in ("vae", "denoiser")})
         copy_atomically(trained, kept)
     output = Path(recipe.output)
     staging = fresh_staging(output)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..cli import add_inpaint_parser, native_size_of, plan_from_args
+from ..cli import add_inpaint_parser, latent_factor_of, native_size_of, plan_from_args
 from ..planning import InpaintPlan
 from ..validation import SettingsError
 
@@ -95,14 +95,16 @@ def settings_dict(settings: argparse.Namespace) -> dict:
     return {name: getattr(settings, name) for name in SETTINGS}
 
 
-def plan_for(settings: argparse.Namespace, size: tuple[int, int], mask: np.ndarray, native: int) -> InpaintPlan:
+def plan_for(
+    settings: argparse.Namespace, size: tuple[int, int], mask: np.ndarray, native: int, latent_factor: int = 8
+) -> InpaintPlan:
     """The plan the pipeline will follow for these settings, made without the model (the CLI's --plan mapping)."""
-    return plan_from_args(settings, size, mask, native)
+    return plan_from_args(settings, size, mask, native, latent_factor)
 
 
 def plan_json(plan: InpaintPlan) -> dict:
     """The plan in pixels, for drawing over the picture."""
-    px = 8
+    px = plan.latent_factor
     groups = [
         [{"top": t.top * px, "left": t.left * px, "width": t.width * px, "height": t.height * px} for t in group]
         for group in plan.groups
@@ -125,6 +127,10 @@ def plan_json(plan: InpaintPlan) -> dict:
 
 def native_size_for(model: str, pipe=None) -> int:
     return pipe.native_size if pipe is not None else native_size_of(model)
+
+
+def latent_factor_for(model: str, pipe=None) -> int:
+    return pipe.vae_scale_factor if pipe is not None else latent_factor_of(model)
 
 
 # --------------------------------------------------------------------------- jobs

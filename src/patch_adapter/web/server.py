@@ -58,6 +58,7 @@ from .jobs import (
     Job,
     JobQueue,
     SettingsError,
+    latent_factor_for,
     native_size_for,
     parse_settings,
     plan_for,
@@ -215,6 +216,10 @@ class WebState:
     def native_size(self) -> int:
         return native_size_for(self.model, self._pipe)
 
+    @property
+    def latent_factor(self) -> int:
+        return latent_factor_for(self.model, self._pipe)
+
     # ------------------------------------------------------------------ pictures
 
     def image(self, image_id: str) -> ImageEntry:
@@ -283,7 +288,7 @@ class WebState:
             )
         settings = parse_settings(settings_data)
         check_settings(settings, self.native_size)
-        plan = plan_for(settings, (entry.width, entry.height), entry.mask, self.native_size)
+        plan = plan_for(settings, (entry.width, entry.height), entry.mask, self.native_size, self.latent_factor)
         if plan.empty_mask:
             raise ImageInputError("the mask is empty: paint the area to fill (or load a mask) before running")
         return self.queue.submit(entry.id, settings, plan, entry.mask.copy())  # later strokes leave it alone
@@ -514,7 +519,8 @@ def create_app(state: WebState, host: str = "127.0.0.1", port: int = 7860) -> St
         entry = state.image(body.get("image_id"))
         settings = parse_settings(body.get("settings", {}))
         check_settings(settings, state.native_size)
-        result = await run_in_threadpool(plan_for, settings, (entry.width, entry.height), entry.mask, state.native_size)
+        size = (entry.width, entry.height)
+        result = await run_in_threadpool(plan_for, settings, size, entry.mask, state.native_size, state.latent_factor)
         return JSONResponse({**plan_json(result), "mask_version": entry.mask_version})
 
     async def submit(request):
