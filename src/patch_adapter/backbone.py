@@ -224,6 +224,11 @@ def backbone_identity(unet) -> dict:
     return json.loads(json.dumps({k: cfg.get(k) for k in keys}))
 
 
+def vae_latent_factor(vae_config) -> int:
+    """Pixels per latent of an AutoencoderKL config (a mapping): it halves the picture at each level but the last."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def native_size(unet, vae_scale_factor: int = 8) -> int:
     """The side in pixels the backbone was trained at (1024 for SDXL, 128 for tiny)."""
     return int(unet.config.sample_size) * vae_scale_factor

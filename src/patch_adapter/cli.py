@@ -192,24 +192,26 @@ def output_paths(output: str, image_path: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
-def latent_factor_of(model: str) -> int:
-    """Pixels per latent of the backbone's VAE without loading weights (for --plan): 8 unless its config says."""
+def component_config(model: str, component: str) -> dict | None:
+    """A local backbone folder's `component` config (unet, vae, ...) without loading weights; None for a hub id."""
     from .backbone import tiny_weights_dir
 
-    config = (tiny_weights_dir() if model == "tiny" else Path(model)) / "vae" / "config.json"
-    if config.is_file():
-        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
-    return 8  # SDXL
+    config = (tiny_weights_dir() if model == "tiny" else Path(model)) / component / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def latent_factor_of(model: str) -> int:
+    """Pixels per latent of the backbone's VAE without loading weights (for --plan): 8 unless its config says."""
+    from .backbone import vae_latent_factor
+
+    config = component_config(model, "vae")
+    return vae_latent_factor(config) if config else 8  # SDXL
 
 
 def native_size_of(model: str) -> int:
     """The backbone's native size without loading weights (for --plan)."""
-    from .backbone import tiny_weights_dir
-
-    config = (tiny_weights_dir() if model == "tiny" else Path(model)) / "unet" / "config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text())["sample_size"]) * latent_factor_of(model)
-    return 1024  # SDXL
+    config = component_config(model, "unet")
+    return int(config["sample_size"]) * latent_factor_of(model) if config else 1024  # SDXL
 
 
 def memory_size(text: str) -> int:

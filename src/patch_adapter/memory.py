@@ -25,6 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .backbone import vae_latent_factor
+
 MAX_AUTO_PATCH_BATCH = 8
 """The largest patch batch chosen automatically: beyond it a GPU gains little speed."""
 
@@ -196,7 +198,7 @@ class PhaseTracer:
         blends them, and those are counted from the tile grid.
         """
         vae, meta = self.vae, dict(device="meta", dtype=self.vae.dtype)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_latent_factor(vae.config)
         if max(height, width) > self.pipe.unet.config.sample_size:
             tile = vae.tile_latent_min_size  # latents per tile side
             stride = int(tile * (1 - vae.tile_overlap_factor))

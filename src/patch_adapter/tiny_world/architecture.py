@@ -13,8 +13,8 @@ from .tokenizer import tiny_tokenizer
 NATIVE_SIZE = 128
 """The tiny backbone's native side in pixels (its UNet's sample size times the VAE's factor)."""
 
-LATENT_SHAPES = {8: "SDXL's: an 8x smaller latent grid, 16x16 at native size", 4: "32x32 latents at native size"}
-"""The VAE's downsampling factors the tiny world builds (`tiny_configs`)."""
+LATENT_FACTORS = (8, 4)
+"""The VAE's downsampling factors the tiny world builds (`tiny_configs`): SDXL's, and 32x32 latents at native size."""
 
 
 def tiny_configs(latent_factor: int = 8, latent_channels: int = 4) -> dict:
@@ -27,8 +27,8 @@ def tiny_configs(latent_factor: int = 8, latent_channels: int = 4) -> dict:
     more (newer VAEs have 16); the inpainting UNet takes 2 x channels + 1 (noisy and
     masked latents, mask).
     """
-    if latent_factor not in LATENT_SHAPES:
-        raise ValueError(f"latent_factor must be one of {sorted(LATENT_SHAPES)}, not {latent_factor}")
+    if latent_factor not in LATENT_FACTORS:
+        raise ValueError(f"latent_factor must be one of {LATENT_FACTORS}, not {latent_factor}")
     if latent_channels < 1:
         raise ValueError(f"latent_channels must be at least 1, not {latent_channels}")
     text_dim, pooled_dim, time_dim = 32, 32, 8

@@ -536,7 +536,9 @@ def initial_vae(recipe: TinyRecipe) -> tuple:
 
 def latent_shape(vae) -> tuple[int, int]:
     """(downsampling factor, latent channels) of an AutoencoderKL, as `architecture.tiny_configs` takes them."""
-    return 2 ** (len(vae.config.block_out_channels) - 1), int(vae.config.latent_channels)
+    from ..backbone import vae_latent_factor
+
+    return vae_latent_factor(vae.config), int(vae.config.latent_channels)
 
 
 def write_vae_stage(vae, report: dict, recipe: TinyRecipe, folder: Path) -> Path:
