@@ -16,11 +16,12 @@ stages were trained:
    Written to `stages/vae` with its figures (`competence.texture_energy_kept`, the ceiling,
    `competence.phantom_objects`).
 2. decoder: that VAE's decoder taught to draw the texture no latent cell can hold
-   (`decoder_loss`: objects copied, backgrounds matched after a 5x5 mean and in
-   texture energy per block, colour where there is none punished), the encoder frozen
-   so the latents stay the VAE stage's. Written to `stages/decoder` with the same
-   figures before and after; the backbone ships this VAE, unless it paints objects on
-   empty backgrounds (`decoder_max_phantoms`: then only its report is written).
+   (`decoder_loss`: objects copied, backgrounds matched after a 5x5 mean and in their
+   texture's spectrum, colour where there is none punished), the encoder frozen so the
+   latents stay the VAE stage's. Written to `stages/decoder` with the same figures
+   before and after; the backbone ships this VAE, unless it paints objects on empty
+   backgrounds (`decoder_max_phantoms`) or draws texture no closer to the world's than
+   the VAE stage's decoder (`decoder_min_spectrum_gain`): then only its report is written.
 3. denoiser: the inpainting UNet (of the VAE stage's latent shape) and both text
    encoders, trained together on the Min-SNR-weighted noise-prediction loss over the
    views' insert / remove / repaint
@@ -90,11 +91,14 @@ class TinyRecipe:
     # 2. decoder: the VAE stage's decoder taught to draw texture (`decoder_loss`); the encoder is kept
     decoder_steps: int = 900
     decoder_batch: int = 8  # whole native views: texture everywhere, objects at every size
-    decoder_lr: float = 1e-4
-    decoder_energy_weight: float = 10.0  # each background block asked for the input's texture energy
+    decoder_lr: float = 2e-4
+    decoder_spectrum_weight: float = 1.0  # the backgrounds asked for the input's texture spectrum
     decoder_colour_weight: float = 1.0  # the hinge against colour where the input has none (phantom objects)
     # a tuned decoder that paints more objects than this per empty background is not shipped (`decoder_stage`)
     decoder_max_phantoms: float = 0.1
+    # nor one whose texture is not closer to the world's than the VAE stage's decoder's by more than this
+    # (`competence.texture_spectrum_error`; a 4 px grid of its own is further than a flat decode)
+    decoder_min_spectrum_gain: float = 0.0
     # 3. denoiser
     unet_steps: int = 1450  # a round (the committed ones: 1,131 and 1,434 steps on a GPU, stopped by `stop_at`)
     unet_batch: int = 128
@@ -294,7 +298,7 @@ def local_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_loss(
-    reconstruction: torch.Tensor, x: torch.Tensor, energy_weight: float, colour_weight: float, object_weight: float
+    reconstruction: torch.Tensor, x: torch.Tensor, spectrum_weight: float, colour_weight: float, object_weight: float
 ) -> tuple[torch.Tensor, dict]:
     """The decoder stage's loss: copy the objects, synthesize the backgrounds' texture.
 
@@ -302,26 +306,31 @@ def decoder_loss(
     a decoder to their flat mean (VAE stage 2 keeps 0.00005 of their energy). Here only
     objects and their edges (`object_share`, grown by 3 px) are copied pixel for pixel
     (L1 counted `object_weight` + 1 times, and on the Laplacian). Backgrounds are compared
-    after a 5x5 mean (`local_mean`), where the texture averages out, and each 8x8 background
-    block is asked for the input's Laplacian energy (`block_energy`): the decoder draws
-    texture of the right strength at a phase of its own, as SDXL's VAE synthesizes grain.
-    A hinge on colour where the input has none keeps it from painting objects there
+    after a 5x5 mean (`local_mean`), where the texture averages out, and by the spectrum
+    of their object-free windows (`competence.texture_spectrum`): the decoder draws the
+    texture's frequencies and orientations at a phase of its own, as SDXL's VAE synthesizes
+    grain. Asking only for the texture's energy drew a 4 px grid of the decoder's own with
+    colour speckle (docs/tiny-world.md, "A texture of the world's spectrum"). A hinge on
+    colour where the input has none keeps it from painting objects there
     (`competence.phantom_objects`), which texture-drawing decoders did without it.
     """
+    from .competence import SPECTRUM_WINDOW, spectrum_error, texture_spectrum
+
     objects = F.max_pool2d(object_share(x), 7, stride=1, padding=3)
     background = 1 - objects
     copy = ((reconstruction - x).abs() * (1 + object_weight * objects) * objects).mean()
     edges = ((laplacian(reconstruction) - laplacian(x)).abs() * objects[..., 1:-1, 1:-1]).mean()
     low = ((local_mean(reconstruction) - local_mean(x)).abs() * background).mean()
-    plain = (F.avg_pool2d(objects[..., 1:-1, 1:-1], 8) < 0.02).float()  # 8x8 blocks (of the Laplacian) with no object
-    strength = block_energy(reconstruction).clamp_min(1e-8).sqrt() - block_energy(x).clamp_min(1e-8).sqrt()
-    energy = (strength.abs() * plain).mean()
+    # the spectrum's windows with no object in them, in `texture_spectrum`'s order
+    plain = (F.avg_pool2d(objects, SPECTRUM_WINDOW, stride=SPECTRUM_WINDOW // 2) < 0.02).float().flatten(1)
+    errors = spectrum_error(texture_spectrum(reconstruction, plain), texture_spectrum(x, plain))
+    spectrum = (errors * (plain.sum(dim=1) > 0)).mean()
     colour = (object_share(reconstruction) * background).mean()
-    loss = copy + edges + low + energy_weight * energy + colour_weight * colour
+    loss = copy + edges + low + spectrum_weight * spectrum + colour_weight * colour
     parts = {
         "objects": (copy + edges).item(),
         "background": low.item(),
-        "energy": energy.item(),
+        "spectrum": spectrum.item(),
         "colour": colour.item(),
     }
     return loss, parts
@@ -354,7 +363,7 @@ def train_decoder(vae, views: dict, recipe: TinyRecipe) -> dict:
         loss, parts = decoder_loss(
             vae.decode(latents).sample,
             x,
-            recipe.decoder_energy_weight,
+            recipe.decoder_spectrum_weight,
             recipe.decoder_colour_weight,
             recipe.vae_object_weight,
         )
@@ -598,11 +607,12 @@ def load_stage_vae(recipe: TinyRecipe):
 
 
 def decoder_figures(vae, recipe: TinyRecipe) -> dict:
-    """What a decoder changes: texture kept, inserts read back after a round trip, objects painted on empty backgrounds."""
-    from .competence import phantom_objects, texture_energy_kept, vae_insert_ceiling
+    """What a decoder changes: texture kept and its spectrum error, inserts read back, objects painted where none are."""
+    from .competence import phantom_objects, texture_energy_kept, texture_spectrum_error, vae_insert_ceiling
 
     return {
         "texture_energy_kept": texture_energy_kept(vae),
+        "texture_spectrum_error": texture_spectrum_error(vae),
         "insert_ceiling": vae_insert_ceiling(vae, recipe.competence_tasks),
         "phantom_objects": phantom_objects(vae),
     }
@@ -633,13 +643,21 @@ def decoder_stage(recipe: TinyRecipe) -> Path:
     if encoder_digest(vae) != encoder:
         raise RuntimeError("the decoder stage changed the encoder: the denoiser's latents would no longer be its")
     report["after"] = decoder_figures(vae, recipe)
+    spectrum = {k: report[k]["texture_spectrum_error"]["round_trip"] for k in ("before", "after")}
     if report["after"]["phantom_objects"] > recipe.decoder_max_phantoms:
-        # a backbone that paints objects on empty backgrounds paints them into removals too: the stage is done,
-        # its report says why, and the backbone keeps the VAE stage's decoder (`backbone_vae`)
+        # a backbone that paints objects on empty backgrounds paints them into removals too
         report["rejected"] = (
             f"{report['after']['phantom_objects']:.3f} phantom objects per empty background, more than "
             f"decoder_max_phantoms {recipe.decoder_max_phantoms}: the VAE stage's decoder is kept"
         )
+    elif spectrum["before"] - spectrum["after"] <= recipe.decoder_min_spectrum_gain:
+        # texture of its own (a grid, speckle) is further from the world's than the flat decode it would replace
+        report["rejected"] = (
+            f"texture spectrum error {spectrum['after']:.3f} against the VAE stage's decoder's "
+            f"{spectrum['before']:.3f}, not lower by more than decoder_min_spectrum_gain "
+            f"{recipe.decoder_min_spectrum_gain}: the VAE stage's decoder is kept"
+        )
+    if "rejected" in report:  # the stage is done, its report says why, and `backbone_vae` keeps the VAE stage's
         return write_vae_stage(None, report, recipe, folder)
     return write_vae_stage(vae, report, recipe, folder)
 
