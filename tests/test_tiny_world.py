@@ -365,7 +365,14 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
 
     from patch_adapter.adapters import BUNDLED_ADAPTER_FILE, adapter_state_dict
     from patch_adapter.pipeline import PatchAdapterPipeline
-    from patch_adapter.tiny_world.recipe import adapters_stage, backbone_vae, decoder_stage, train_tiny, vae_stage
+    from patch_adapter.tiny_world.recipe import (
+        adapters_stage,
+        backbone_vae,
+        decoder_stage,
+        denoiser_stage,
+        train_tiny,
+        vae_stage,
+    )
 
     recipe = smoke_recipe(tmp_path)
     stages = tmp_path / "stages"
@@ -375,9 +382,9 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
     out = train_tiny(recipe)  # the rest; the finished stage is not run again
     assert (stages / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_bytes
     rounds = json.loads((stages / "denoiser" / "report.json").read_text())["rounds"]
-    assert len(rounds) == recipe.denoiser_rounds == 2
+    assert len(rounds) == recipe.denoiser_rounds == 3
     report = json.loads((out / "recipe_report.json").read_text())
-    assert report["vae"]["scaling_factor"] > 0 and len(report["denoiser"]["rounds"]) == 2
+    assert report["vae"]["scaling_factor"] > 0 and len(report["denoiser"]["rounds"]) == 3
     assert set(report["vae"]["texture_energy_kept"]) == {"round_trip", "down_up_4x"}
     assert report["vae"]["phantom_objects"] >= 0.0
     pipe = PatchAdapterPipeline.from_pretrained(str(out), device="cpu")
@@ -412,6 +419,19 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
     assert all(torch.equal(v, shipped_vae[k]) for k, v in retuned.items())
     assert any(not torch.equal(v, tuned_vae[k]) for k, v in retuned.items())
     assert (out / BUNDLED_ADAPTER_FILE).read_bytes() == adapter_bytes
+    # a denoiser round after the adapters: the kept adapters are refused, and once they are deleted the stage
+    # trains its adapter runs again instead of reusing the work folder's runs on the old denoiser (it once did)
+    work = tmp_path / "work"
+    dca_bytes = (work / "stage1" / "dca.safetensors").read_bytes()
+    denoiser_stage(dataclasses.replace(recipe, denoiser_rounds=recipe.denoiser_rounds + 1))
+    with pytest.raises(RuntimeError, match="adapters .* were trained on another VAE or denoiser"):
+        adapters_stage(recipe)
+    shutil.rmtree(stages / "adapters")
+    adapters_stage(recipe)
+    learnt = json.loads((stages / "adapters" / "trained_on.json").read_text())
+    assert len(learnt["denoiser"]["rounds"]) == recipe.denoiser_rounds + 1
+    assert all(json.loads((work / run / "trained_on.json").read_text()) == learnt for run in ("stage1", "stage2"))
+    assert (work / "stage1" / "dca.safetensors").read_bytes() != dca_bytes
     # a decoder tuned on another VAE stage's encoder is refused
     shutil.rmtree(stages / "vae")
     vae_stage(dataclasses.replace(recipe, seed=1))
@@ -450,7 +470,8 @@ def test_a_denoiser_round_continues_from_the_last_rounds_weights(tmp_path):
     from patch_adapter.tiny_world.architecture import build_tiny_components
     from patch_adapter.tiny_world.recipe import denoiser_stage, vae_stage
 
-    recipe = smoke_recipe(tmp_path, unet_lr=0.0, unet_warmup=1, ema_decay=0.0)  # a round that changes nothing
+    # rounds that change nothing
+    recipe = smoke_recipe(tmp_path, unet_lr=0.0, unet_warmup=1, ema_decay=0.0, denoiser_rounds=2)
     vae_stage(recipe)
     folder = denoiser_stage(recipe)
     first = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()

@@ -100,7 +100,8 @@ class TinyRecipe:
     # (`competence.texture_spectrum_error`; a 4 px grid of its own is further than a flat decode)
     decoder_min_spectrum_gain: float = 0.0
     # 3. denoiser
-    unet_steps: int = 1450  # a round (the committed ones: 1,131 and 1,434 steps on a GPU, stopped by `stop_at`)
+    # a round (the committed ones: 1,131 and 1,434 steps on a GPU, stopped by `stop_at`; then 2,400 of batch 64 on 2 cores)
+    unet_steps: int = 1450
     unet_batch: int = 128
     unet_lr: float = 6e-4
     unet_warmup: int = 200
@@ -109,7 +110,7 @@ class TinyRecipe:
     mask_weight: float = 1.0  # extra weight of the error inside the lesson's mask (`denoising_loss`)
     ema_decay: float = 0.999
     competence_tasks: int = 48  # native-size inserts read back after each round (competence.insert_accuracy)
-    denoiser_rounds: int = 2  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
+    denoiser_rounds: int = 3  # runs of the denoiser stage, each `unet_steps` steps from the last one's weights
     # 4. adapters (the adapter trainer; any TrainConfig key can be added to these)
     adapter_scenes: int = 300
     adapter_sizes: tuple = (512, 1024)  # 4x and 8x native
@@ -802,8 +803,30 @@ def stage_reports(recipe: TinyRecipe) -> dict:
     return {stage: json.loads(path.read_text()) for stage, path in folders.items() if path.is_file()}
 
 
+TRAINED_ON = "trained_on.json"
+"""Next to adapters (kept in the stages folder, or an adapter run in the work folder): the stage reports of the
+backbone they learnt (`backbone_learnt`)."""
+
+
+def read_json(path: Path):
+    """The JSON in `path`, or None where there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def backbone_learnt(backbone: Path) -> dict:
+    """What adapters trained on an assembled `backbone` learnt: its VAE and denoiser stages' reports."""
+    report = read_json(backbone / "recipe_report.json") or {}
+    return {k: report.get(k) for k in ("vae", "denoiser")}
+
+
 def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
-    """Step 4-5: DCA then RPA with the adapter trainer; both merged into one adapter file."""
+    """Step 4-5: DCA then RPA with the adapter trainer; both merged into one adapter file.
+
+    A finished run in the work folder is reused only when it was trained on this backbone's VAE and
+    denoiser (its `TRAINED_ON`); other runs are trained again (they were once reused silently).
+    """
+    import shutil
+
     from safetensors.torch import load_file
 
     from ..adapters import BUNDLED_ADAPTER_FILE, install_adapters, save_adapter
@@ -825,12 +848,20 @@ def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
         checkpointing_steps=10_000,
     )
     files = {"stage1": work / "stage1" / "dca.safetensors", "stage2": work / "stage2" / "rpa.safetensors"}
+    learnt = backbone_learnt(backbone)
     for stage, weights in files.items():
-        if not weights.is_file():
-            settings = dict(common, stage=stage, output=str(weights.parent), **getattr(recipe, stage))
-            if stage == "stage2":
-                settings["dca"] = str(files["stage1"])
-            log(f"{stage}: {train(TrainConfig(**settings))}")
+        run = weights.parent
+        if weights.is_file() and read_json(run / TRAINED_ON) == learnt:
+            continue  # a finished run on this backbone: a rerun of the stage continues
+        if run.exists():
+            # finished or not, a run on another backbone would be shipped as if it had learnt this one
+            log(f"{stage}: the run in {run} is not one on this backbone's VAE and denoiser; training it again")
+            shutil.rmtree(run)
+        settings = dict(common, stage=stage, output=str(run), **getattr(recipe, stage))
+        if stage == "stage2":
+            settings["dca"] = str(files["stage1"])
+        log(f"{stage}: {train(TrainConfig(**settings))}")
+        write_json(run / TRAINED_ON, learnt)
 
     components = load_backbone(str(backbone))
     unet = components["unet"]
@@ -873,6 +904,7 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
         layer = "attn2" if kind == "dca" else "attn1"
         unet.load_state_dict({k: v for k, v in shipped.items() if f".{layer}.processor." in k}, strict=False)
         save_adapter(target, unet, kinds=(kind,), backbone_name="tiny")
+        write_json(target.parent / TRAINED_ON, backbone_learnt(backbone))
         log(f"kept the shipped {kind} in {target}")
     path = train_adapters(recipe, backbone)
     copy_atomically(path, output / BUNDLED_ADAPTER_FILE)
@@ -892,13 +924,13 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     from ..adapters import BUNDLED_ADAPTER_FILE
 
     kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
-    trained_on_file = kept.parent / "trained_on.json"
+    trained_on_file = kept.parent / TRAINED_ON
     backbone = Path(recipe.work) / "backbone"
     assembled = backbone / "recipe_report.json"
     old = json.loads(assembled.read_text()) if assembled.is_file() else {}
     now = stage_reports(recipe)
     # adapters kept from before `trained_on.json` existed are checked against the backbone they were assembled with
-    trained_on = json.loads(trained_on_file.read_text()) if trained_on_file.is_file() else old
+    trained_on = read_json(trained_on_file) or old
     if kept.is_file() and trained_on and any(trained_on.get(k) != now.get(k) for k in ("vae", "denoiser")):
         raise RuntimeError(
             f"the adapters in {kept.parent} were trained on another VAE or denoiser than the stages' now: "
@@ -909,7 +941,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     if not kept.is_file():
         trained = train_adapters(recipe, backbone)
         kept.parent.mkdir(parents=True, exist_ok=True)
-        write_json(trained_on_file, {k: now[k] for k in ("vae", "denoiser")})
+        write_json(trained_on_file, backbone_learnt(backbone))
         copy_atomically(trained, kept)
     output = Path(recipe.output)
     staging = fresh_staging(output)
