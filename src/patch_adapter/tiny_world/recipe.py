@@ -927,7 +927,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     trained_on_file = kept.parent / TRAINED_ON
     backbone = Path(recipe.work) / "backbone"
     assembled = backbone / "recipe_report.json"
-    old = json.loads(assembled.read_text()) if assembled.is_file() else {}
+    old = read_json(assembled) or {}
     now = stage_reports(recipe)
     # adapters kept from before `trained_on.json` existed are checked against the backbone they were assembled with
     trained_on = read_json(trained_on_file) or old
