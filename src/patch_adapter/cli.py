@@ -28,7 +28,7 @@ from .batch import add_batch_parser
 from .image_io import ImageInputError, from_float, load_image, load_mask, save_image, to_float
 from .settings import BANK_PLACEMENTS, METHODS, SCHEDULERS, InpaintSettings
 from .training.commands import add_data_parser, add_train_parser
-from .validation import SettingsError, check_device, validate_inpaint_args
+from .validation import LATENT_FACTOR, SettingsError, check_device, validate_inpaint_args
 from .web import add_serve_parser
 
 USER_ERRORS = (ImageInputError, BackboneLoadError, ValueError, FileNotFoundError)
@@ -205,7 +205,7 @@ def latent_factor_of(model: str) -> int:
     from .backbone import vae_latent_factor
 
     config = component_config(model, "vae")
-    return vae_latent_factor(config) if config else 8  # SDXL
+    return vae_latent_factor(config) if config else LATENT_FACTOR  # SDXL
 
 
 def native_size_of(model: str) -> int:
@@ -239,7 +239,7 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-def plan_from_args(args, size: tuple[int, int], mask, native: int, latent_factor: int = 8):
+def plan_from_args(args, size: tuple[int, int], mask, native: int, latent_factor: int = LATENT_FACTOR):
     """The plan the pipeline makes for the same flags, without a model."""
     from .planning import make_plan
 

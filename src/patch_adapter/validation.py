@@ -17,9 +17,8 @@ import numpy as np
 
 from .image_io import LoadedImage, check_output_path
 
-LATENT_FACTOR = (
-    8  # pixels per latent in every SDXL-family VAE; pixel sizes are multiples of it (a VAE factor divides it)
-)
+# pixels per latent in every SDXL-family VAE; pixel sizes are multiples of it (a VAE factor divides it)
+LATENT_FACTOR = 8
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts as an unsigned seed
 
 

@@ -59,19 +59,24 @@ def round_trip_pictures(vae, pictures: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
+def texture_versions(vae, count: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(truth, VAE round trip, 4x down-up) of `textured_backgrounds`, each (count, 3, side, side) in [0, 1]."""
+    pictures = torch.from_numpy(to_float(textured_backgrounds(count, side, seed))).permute(0, 3, 1, 2)
+    down_up = F.interpolate(F.interpolate(pictures, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
+    return pictures, vae_round_trip(vae, pictures), down_up.clamp(0, 1)
+
+
 def texture_energy_kept(vae, count: int = 32, side: int = 128, seed: int = 0) -> dict:
     """Laplacian energy of a VAE round trip and of a 4x down-up, over the truth's, on textured backgrounds.
 
     Returns {"round_trip", "down_up_4x"}: means over `count` pictures of the per-picture
     ratios (1.0 keeps all of the texture's energy; 0 decodes it flat).
     """
-    pictures = torch.from_numpy(to_float(textured_backgrounds(count, side, seed))).permute(0, 3, 1, 2)
-    round_trip = vae_round_trip(vae, pictures)
-    down_up = F.interpolate(F.interpolate(pictures, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
+    pictures, round_trip, down_up = texture_versions(vae, count, side, seed)
     truth = laplacian_energy(pictures)
     return {
         "round_trip": float((laplacian_energy(round_trip) / truth).mean()),
-        "down_up_4x": float((laplacian_energy(down_up.clamp(0, 1)) / truth).mean()),
+        "down_up_4x": float((laplacian_energy(down_up) / truth).mean()),
     }
 
 
@@ -117,7 +122,6 @@ def spectrum_error(spectrum: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (spectrum - truth).abs().sum(dim=(1, 2, 3)) / truth.sum(dim=(1, 2, 3)).clamp_min(1e-8)
 
 
-@torch.no_grad()
 def texture_spectrum_error(vae, count: int = 32, side: int = 128, seed: int = 0) -> dict:
     """How unlike the world's texture a VAE round trip's is (`spectrum_error`), and a 4x down-up's, on backgrounds.
 
@@ -127,13 +131,11 @@ def texture_spectrum_error(vae, count: int = 32, side: int = 128, seed: int = 0)
     1.02 and a 4x down-up 0.95 (docs/tiny-world.md, "A texture of the world's spectrum").
     Returns {"round_trip", "down_up_4x"}: means over `count` pictures (0: the truth's texture).
     """
-    pictures = torch.from_numpy(to_float(textured_backgrounds(count, side, seed))).permute(0, 3, 1, 2)
-    round_trip = vae_round_trip(vae, pictures)
-    down_up = F.interpolate(F.interpolate(pictures, scale_factor=0.25, mode="area"), scale_factor=4, mode="bicubic")
+    pictures, round_trip, down_up = texture_versions(vae, count, side, seed)
     truth = texture_spectrum(pictures)
     return {
         "round_trip": float(spectrum_error(texture_spectrum(round_trip), truth).mean()),
-        "down_up_4x": float(spectrum_error(texture_spectrum(down_up.clamp(0, 1)), truth).mean()),
+        "down_up_4x": float(spectrum_error(texture_spectrum(down_up), truth).mean()),
     }
 
 

@@ -507,6 +507,11 @@ def copy_atomically(source: Path, target: Path) -> None:
         shutil.copyfileobj(reading, writing)
 
 
+def read_json(path: Path):
+    """The JSON in `path`, or None where there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_json(path: Path, data: dict) -> None:
     from ..image_io import atomic_write
 
@@ -672,7 +677,8 @@ def backbone_vae(recipe: TinyRecipe):
 
     vae = load_stage_vae(recipe)
     folder = Path(recipe.stages) / "decoder"
-    if not (folder / "report.json").is_file() or "rejected" in json.loads((folder / "report.json").read_text()):
+    report = read_json(folder / "report.json")
+    if report is None or "rejected" in report:
         return vae
     tuned = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
     if encoder_digest(tuned) != encoder_digest(vae):
@@ -807,16 +813,14 @@ TRAINED_ON = "trained_on.json"
 """Next to adapters (kept in the stages folder, or an adapter run in the work folder): the stage reports of the
 backbone they learnt (`backbone_learnt`)."""
 
-
-def read_json(path: Path):
-    """The JSON in `path`, or None where there is no such file."""
-    return json.loads(path.read_text()) if path.is_file() else None
+ADAPTERS_LEARN = ("vae", "denoiser")
+"""The stages whose change makes trained adapters stale (a new decoder does not: they learnt the encoder's latents)."""
 
 
 def backbone_learnt(backbone: Path) -> dict:
     """What adapters trained on an assembled `backbone` learnt: its VAE and denoiser stages' reports."""
     report = read_json(backbone / "recipe_report.json") or {}
-    return {k: report.get(k) for k in ("vae", "denoiser")}
+    return {k: report.get(k) for k in ADAPTERS_LEARN}
 
 
 def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
@@ -931,7 +935,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     now = stage_reports(recipe)
     # adapters kept from before `trained_on.json` existed are checked against the backbone they were assembled with
     trained_on = read_json(trained_on_file) or old
-    if kept.is_file() and trained_on and any(trained_on.get(k) != now.get(k) for k in ("vae", "denoiser")):
+    if kept.is_file() and trained_on and any(trained_on.get(k) != now.get(k) for k in ADAPTERS_LEARN):
         raise RuntimeError(
             f"the adapters in {kept.parent} were trained on another VAE or denoiser than the stages' now: "
             f"delete {kept.parent} to train them again"

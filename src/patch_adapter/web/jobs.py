@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..cli import add_inpaint_parser, latent_factor_of, native_size_of, plan_from_args
 from ..planning import InpaintPlan
-from ..validation import SettingsError
+from ..validation import LATENT_FACTOR, SettingsError
 
 # the inpaint flags the page offers: main settings first, then the advanced panel
 MAIN_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "method")
@@ -96,7 +96,11 @@ def settings_dict(settings: argparse.Namespace) -> dict:
 
 
 def plan_for(
-    settings: argparse.Namespace, size: tuple[int, int], mask: np.ndarray, native: int, latent_factor: int = 8
+    settings: argparse.Namespace,
+    size: tuple[int, int],
+    mask: np.ndarray,
+    native: int,
+    latent_factor: int = LATENT_FACTOR,
 ) -> InpaintPlan:
     """The plan the pipeline will follow for these settings, made without the model (the CLI's --plan mapping)."""
     return plan_from_args(settings, size, mask, native, latent_factor)
@@ -130,6 +134,7 @@ def native_size_for(model: str, pipe=None) -> int:
 
 
 def latent_factor_for(model: str, pipe=None) -> int:
+    """Pixels per latent of the model's VAE: the loaded pipeline's, else read from its folder (`native_size_for`'s twin)."""
     return pipe.vae_scale_factor if pipe is not None else latent_factor_of(model)
 
 
