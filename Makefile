@@ -69,8 +69,9 @@ retrain-rpa:
 	$(PY) -m patch_adapter.tiny_world.recipe --work build/tiny-rpa --retrain rpa --threads 1
 
 # the quality tables (README): every method and ablation on 200 tasks at 4x and 8x native
-# (measured on 2 cores: 47 minutes at 512x512; at 1024x1024 40 minutes without direct, which takes 34 s a task,
-# so about 100 minutes with it on all 200: README's table ran it on the first 24, with --methods direct --count 24)
+# (measured on 2 cores with the f4 backbone: 36 minutes at 512x512; at 1024x1024 36 minutes without direct,
+# which takes 41 s a task, so about 105 minutes with it on all 200: README's table ran it on the first 24,
+# with --methods direct --count 24, then --summarize-only with --count 200 for the table of all of them)
 quality:
 	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 512x512 --steps 10 --workers 2 --json build/quality/q512.json
 	$(PY) benchmarks/quality.py --seed 0 --count 200 --size 1024x1024 --steps 10 --workers 2 --json build/quality/q1024.json

@@ -287,7 +287,8 @@ def test_latents_are_the_whole_image_pass_start_noise(pipe):
     image, mask = inputs()
     kwargs = dict(prompt="x", image=image, mask_image=mask, guidance_scale=1.0, **FAST)
     width, height = pipe.plan(image, mask, **FAST).stage1_size
-    noise = torch.randn(1, 4, height // 8, width // 8, generator=seeded(9))
+    factor, channels = pipe.vae_scale_factor, pipe.unet.config.out_channels
+    noise = torch.randn(1, channels, height // factor, width // factor, generator=seeded(9))
     a = pipe(latents=noise, generator=seeded(1), **kwargs).arrays[0]
     b = pipe(latents=noise, generator=seeded(1), **kwargs).arrays[0]
     c = pipe(latents=noise * 0.5, generator=seeded(1), **kwargs).arrays[0]

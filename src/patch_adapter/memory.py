@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -194,23 +193,24 @@ class PhaseTracer:
     def vae_call(self, height: int, width: int, decode: bool) -> int:
         """Working bytes of a VAE encode or decode at a latent size (tiled above native, as the pipeline does).
 
-        A tiled pass is traced on one tile; diffusers keeps every tile's output until it
-        blends them, and those are counted from the tile grid.
+        A tiled pass is traced on one tile. diffusers keeps every tile's output (those at
+        the far edges cut short) until it blends them into rows and the rows into the
+        whole: the peak is the last tile's work with the others held, or every tile with
+        the rows and the whole.
         """
         vae, meta = self.vae, dict(device="meta", dtype=self.vae.dtype)
         factor = vae_latent_factor(vae.config)
         if max(height, width) > self.pipe.unet.config.sample_size:
             tile = vae.tile_latent_min_size  # latents per tile side
             stride = int(tile * (1 - vae.tile_overlap_factor))
-            tiles = math.ceil(height / stride) * math.ceil(width / stride)
-            one_tile = self.vae_call(tile, tile, decode)
-            itemsize = self.vae.dtype.itemsize
-            if decode:  # every tile's pixels, then the blended rows and the image
-                kept = tiles * 3 * (tile * factor) ** 2 * itemsize + 2 * 3 * height * width * factor**2 * itemsize
-            else:  # every tile's moments, then the blended latents
-                kept = tiles * 2 * vae.config.latent_channels * tile**2 * itemsize
-                kept += 2 * 2 * vae.config.latent_channels * height * width * itemsize
-            return one_tile + kept
+            tiled_h = sum(min(tile, height - i) for i in range(0, height, stride))
+            tiled_w = sum(min(tile, width - j) for j in range(0, width, stride))
+            # a decode gives 3 colours per pixel, an encode the latents' mean and log-variance per latent
+            channels, scale = (3, factor) if decode else (2 * vae.config.latent_channels, 1)
+            per_latent = channels * scale**2 * self.vae.dtype.itemsize
+            tiles = tiled_h * tiled_w * per_latent
+            whole = height * width * per_latent
+            return max(self.vae_call(tile, tile, decode) + tiles, tiles + 2 * whole)
         if decode:
             latents = torch.empty(1, vae.config.latent_channels, height, width, **meta)
             return traced_peak(lambda: vae.decode(latents))
