@@ -97,6 +97,37 @@ def test_trained_adapter_weights_change_the_result(pipe):
     assert np.array_equal(before, off)
 
 
+def test_the_dca_acts_in_stage_one_only(pipe, monkeypatch):
+    """Stage 2's patches run without the DCA: in them it halved the fills' sharpness (docs/method.md)."""
+    from patch_adapter.adapters.dual_context import DualContextAttnProcessor
+
+    events = []  # "dca" or "none" per cross-attention call, ("step", stage) after each scheduler step
+    call = DualContextAttnProcessor.__call__
+
+    def recording(self, attn, hidden_states, *args, dca_mask=None, dca_scale=1.0, **kwargs):
+        if not hidden_states.is_meta:  # the memory estimate's traced calls are not run
+            events.append("dca" if dca_mask is not None and dca_scale != 0 else "none")
+        return call(self, attn, hidden_states, *args, dca_mask=dca_mask, dca_scale=dca_scale, **kwargs)
+
+    def step_end(p, step, t, kwargs):
+        events.append(("step", kwargs["stage"]))
+        return {}
+
+    monkeypatch.setattr(DualContextAttnProcessor, "__call__", recording)
+    image, mask = random_image(300, 420, seed=5), two_masks(300, 420)
+    out = pipe(prompt="a dog", image=image, mask_image=mask, generator=seeded(3), callback_on_step_end=step_end, **FAST)
+    calls_by_stage = {1: set(), 2: set()}
+    pending = []
+    for event in events:
+        if isinstance(event, tuple):
+            calls_by_stage[event[1]].update(pending)
+            pending = []
+        else:
+            pending.append(event)
+    assert out.plan.stage2_steps > 0 and not pending
+    assert calls_by_stage == {1: {"dca"}, 2: {"none"}}
+
+
 def test_same_seed_same_result_and_several_images_differ(pipe):
     image, mask = random_image(200, 260, seed=6), two_masks(200, 260)
     kwargs = dict(prompt="a bench", image=image, mask_image=mask, **FAST)

@@ -370,6 +370,7 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
         backbone_vae,
         decoder_stage,
         denoiser_stage,
+        retrain_adapters,
         train_tiny,
         vae_stage,
     )
@@ -419,6 +420,15 @@ def test_recipe_runs_stage_by_stage_and_its_folder_loads_with_its_adapters(tmp_p
     assert all(torch.equal(v, shipped_vae[k]) for k, v in retuned.items())
     assert any(not torch.equal(v, tuned_vae[k]) for k, v in retuned.items())
     assert (out / BUNDLED_ADAPTER_FILE).read_bytes() == adapter_bytes
+    # the RPA retrained on the shipped backbone: shipped and kept in the adapters stage, the DCA kept, and the
+    # stage then assembles the retrained file (it once shipped the retrained RPA and kept the old one)
+    retrain_adapters(dataclasses.replace(recipe, work=str(tmp_path / "retrain"), seed=2), ("rpa",))
+    retrained = load_file(str(out / BUNDLED_ADAPTER_FILE))
+    assert (stages / "adapters" / BUNDLED_ADAPTER_FILE).read_bytes() == (out / BUNDLED_ADAPTER_FILE).read_bytes()
+    assert all(torch.equal(v, retrained[k]) for k, v in shipped.items() if ".attn2.processor." in k)
+    assert any(not torch.equal(v, retrained[k]) for k, v in shipped.items() if ".attn1.processor." in k)
+    adapters_stage(recipe)
+    assert (stages / "adapters" / BUNDLED_ADAPTER_FILE).read_bytes() == (out / BUNDLED_ADAPTER_FILE).read_bytes()
     # a denoiser round after the adapters: the kept adapters are refused, and once they are deleted the stage
     # trains its adapter runs again instead of reusing the work folder's runs on the old denoiser (it once did)
     work = tmp_path / "work"

@@ -120,7 +120,7 @@ def add_settings_options(p) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--num-images", type=int, default=1, help="how many results (default 1)")
-    g.add_argument("--dca-scale", type=float, default=1.0, help="Dual Context Adapter strength (default 1)")
+    g.add_argument("--dca-scale", type=float, default=1.0, help="Dual Context Adapter strength in stage 1 (default 1)")
     g.add_argument("--rpa-scale", type=float, default=1.0, help="Reference Patch Adapter strength (default 1)")
     g.add_argument("--tile-size", type=int, default=None, help="patch size in px (default: the native size)")
     g.add_argument("--tile-overlap", type=int, default=None, help="patch overlap in px (default: native / 4)")

@@ -152,10 +152,11 @@ class PhaseTracer:
         self.dtype = pipe.unet.dtype
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - tracers live for the process anyway (_TRACERS)
-    def unet_call(self, patches: int, halves: int, height: int, width: int, bank: bool) -> tuple[int, int]:
+    def unet_call(self, patches: int, halves: int, height: int, width: int, bank: bool, dca: bool) -> tuple[int, int]:
         """(working bytes of one UNet call, bank bytes of its reference patches) at a latent size.
 
-        patches: latents in the call; halves: 2 with classifier-free guidance, else 1.
+        patches: latents in the call; halves: 2 with classifier-free guidance, else 1;
+        bank: with reference patches (stage 2); dca: with the DCA (stage 1 only).
         """
         from .adapters import ReferenceBank
 
@@ -182,7 +183,7 @@ class PhaseTracer:
                 self.unet(sample, t, cross_attention_kwargs={"rpa_bank": reference}, **kwargs)
         sample, t, kwargs = inputs(patches * halves)
         mask = torch.empty(1, 1, height, width, device="meta", dtype=self.dtype)
-        attention = {"dca_mask": mask, "rpa_bank": reference if bank else None}
+        attention = {"dca_mask": mask if dca else None, "rpa_bank": reference if bank else None}
         peak = traced_peak(
             lambda: self.unet(sample, t, cross_attention_kwargs=attention, **kwargs),
             ignore=list(reference.features.values()),
@@ -247,7 +248,7 @@ def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "de
     if plan.stage1_size is not None:
         w, h = (s // factor for s in plan.stage1_size)
         stage1 = max(
-            tracer.unet_call(1, guided, h, w, False)[0], tracer.vae_call(h, w, True), tracer.vae_call(h, w, False)
+            tracer.unet_call(1, guided, h, w, False, True)[0], tracer.vae_call(h, w, True), tracer.vae_call(h, w, False)
         ) + 6 * _latent_bytes(pipe, 1, h, w)
     encode = denoise = decode = banks = bank_per_patch = 0
     if plan.tiles:
@@ -256,13 +257,13 @@ def estimate_memory(pipe, plan, patch_batch_size: int, bank_placement: str = "de
         batch = min(patch_batch_size, max(group_sizes))
         tile_h, tile_w = plan.tiles[0].height, plan.tiles[0].width
         with_bank = plan.reference_passes > 0
-        step, batch_bank = tracer.unet_call(batch, guided, tile_h, tile_w, with_bank)
+        step, batch_bank = tracer.unet_call(batch, guided, tile_h, tile_w, with_bank, False)
         bank_per_patch = batch_bank // batch if with_bank else 0
         largest = max(regions, key=lambda r: r.height * r.width)
         region_latents = 9 * _latent_bytes(pipe, 1, largest.height, largest.width)  # latents, fusion, mask, ...
         held = {"device": max(group_sizes) * bank_per_patch, "host": 2 * batch_bank, "recompute": batch_bank}
         banks = held[bank_placement] if with_bank else 0
-        recording = tracer.unet_call(batch, 1, tile_h, tile_w, False)[0] if bank_placement == "recompute" else 0
+        recording = tracer.unet_call(batch, 1, tile_h, tile_w, False, False)[0] if bank_placement == "recompute" else 0
         denoise = region_latents + banks + max(step, recording)
         pixels = 4 * 3 * largest.height * largest.width * factor * factor * 4  # float32 region images
         encode = pixels + tracer.vae_call(largest.height, largest.width, False)

@@ -673,7 +673,6 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
                 run,
                 steps=settings.refine_steps if spec.reference else settings.num_inference_steps,
                 strength=settings.refine_strength if spec.reference else settings.strength,
-                dca_scale=dca_scale,
                 rpa_scale=settings.effective_rpa_scale,
                 context=StepContext(stage=2, patch_group=number, image_index=run.index),
             )
@@ -989,7 +988,6 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
         run,
         steps,
         strength,
-        dca_scale,
         rpa_scale,
         context,
         stage2=None,
@@ -1065,12 +1063,8 @@ class PatchAdapterPipeline(PatchAdapterLoadingMixin, AdapterGuardMixin, StableDi
             model_latents = self.scheduler.scale_model_input(latents, t)
             fused = fusion.start(device)
             for index, batch in enumerate(batches):
-                attention_kwargs = {
-                    "dca_mask": stacked(mask_latents, batch),
-                    "dca_scale": dca_scale,
-                    "rpa_bank": references.bank(index),
-                    "rpa_scale": rpa_scale,
-                }
+                # the DCA acts in stage 1 only: in the patches it halved the fills' sharpness (docs/method.md)
+                attention_kwargs = {"rpa_bank": references.bank(index), "rpa_scale": rpa_scale}
                 noise = self.predict_noise(
                     stacked(model_latents, batch),
                     t,

@@ -94,7 +94,7 @@ class InpaintSettings:
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     eta: float = 0.0  # DDIM's eta, as diffusers
-    dca_scale: float = 1.0
+    dca_scale: float = 1.0  # the DCA in stage 1 (and whole-image passes); stage 2's patches run without it
     rpa_scale: float = 1.0
     tile_size: int | None = None
     tile_overlap: int | None = None

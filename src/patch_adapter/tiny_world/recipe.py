@@ -884,7 +884,9 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
 
     For a change of an adapter's design: the backbone (hours) stays, the named adapters
     train from their initial weights, the other ones are kept from the shipped file
-    (read whatever its format version, since only the kept kinds are used).
+    (read whatever its format version, since only the kept kinds are used). The result
+    replaces the shipped file and the adapters stage's committed one, so that
+    `make train-tiny` assembles the same folder again.
     """
     import shutil
 
@@ -911,8 +913,12 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
         write_json(target.parent / TRAINED_ON, backbone_learnt(backbone))
         log(f"kept the shipped {kind} in {target}")
     path = train_adapters(recipe, backbone)
+    kept = Path(recipe.stages) / "adapters"
+    kept.mkdir(parents=True, exist_ok=True)
+    write_json(kept / TRAINED_ON, backbone_learnt(backbone))
+    copy_atomically(path, kept / BUNDLED_ADAPTER_FILE)
     copy_atomically(path, output / BUNDLED_ADAPTER_FILE)
-    log(f"adapters in {output / BUNDLED_ADAPTER_FILE}")
+    log(f"adapters in {output / BUNDLED_ADAPTER_FILE} and {kept}")
     return output / BUNDLED_ADAPTER_FILE
 
 

@@ -24,7 +24,12 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder")
     p.add_argument("--config", default=None, help="YAML/TOML/JSON file with any other setting (flags override it)")
-    p.add_argument("--dca", default=None, help="stage2: a trained dca.safetensors, kept frozen")
+    p.add_argument(
+        "--dca",
+        default=None,
+        help="stage2: a trained dca.safetensors, exported with the RPA in one file (off while training, "
+        "as in the pipeline's patches)",
+    )
     p.set_defaults(func=run_train)
 
 

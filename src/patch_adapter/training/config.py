@@ -79,7 +79,9 @@ class TrainConfig:
     reference_shift: float = 0.5  # probability of a small misalignment
     reference_shift_pixels: int = 4  # largest misalignment in pixels (each axis)
     reference_timestep: int = 1  # timestep of the frozen pass that records the reference tokens (as at inference)
-    dca_scale: float = 1.0  # stage 2: strength of the frozen DCA during training (when --dca is given)
+    # stage 2: strength of the frozen DCA during training (when --dca is given); 0 as the pipeline, whose
+    # patches run without the DCA (docs/method.md)
+    dca_scale: float = 0.0
 
     # --- feedback and checkpoints
     log_steps: int = 1  # a train_log.jsonl line every this many steps

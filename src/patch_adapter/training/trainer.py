@@ -19,7 +19,9 @@ latents, mask, masked-image latents], random timesteps, the caption as prompt
 Stage 1: the Dual Context Adapter is on (``dca_mask``) and only its weights train.
 Stage 2: the degraded reference crop is recorded by a frozen UNet pass into a
 ReferenceBank, the Reference Patch Adapter attends to it, only its weights train;
-a stage-1 DCA file (``dca``) stays frozen.
+a stage-1 DCA file (``dca``) stays frozen and, as in the pipeline's patches, off
+(``dca_scale`` 0: it halved the fills' sharpness there); it is loaded to export both
+adapters in one file.
 
 Train as the pipeline infers: the mask reaches the latent grid as the pipeline
 sends it there (stage 1: diffusers' nearest resize; stage 2: any coverage counts),
