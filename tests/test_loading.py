@@ -321,3 +321,19 @@ def test_a_missing_tiny_folder_is_refused_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCH_ADAPTER_TINY_WEIGHTS", str(tmp_path))  # an empty folder: no model_index.json
     with pytest.raises(BackboneLoadError, match="make train-tiny"):
         PatchAdapterPipeline.from_pretrained("tiny")
+
+
+def test_align_weights_moves_memory_mapped_offsets_and_keeps_values():
+    """A weight off the 64-byte alignment (as a memory-mapped file leaves small tensors) is copied, values kept."""
+    from types import SimpleNamespace
+
+    from patch_adapter.loading import WEIGHT_ALIGNMENT, align_weights
+
+    layer = torch.nn.Linear(8, 8, bias=False)
+    storage = torch.randn(80)
+    layer.weight.data = storage[10:74].view(8, 8)  # 40 bytes into an aligned block
+    assert layer.weight.data_ptr() % WEIGHT_ALIGNMENT
+    values = layer.weight.detach().clone()
+    align_weights(SimpleNamespace(components={"unet": layer, "scheduler": object()}))
+    assert layer.weight.data_ptr() % WEIGHT_ALIGNMENT == 0 and torch.equal(layer.weight, values)
+    assert isinstance(layer.weight, torch.nn.Parameter)

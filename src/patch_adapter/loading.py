@@ -163,6 +163,25 @@ def warn_replaced(before: dict, unet, where: str) -> None:
         )
 
 
+WEIGHT_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
+
+
+def align_weights(pipe) -> None:
+    """Copy CPU weights that a memory-mapped file left off the 64-byte alignment.
+
+    safetensors maps files into memory, so a small tensor can start anywhere; the CPU
+    matmul kernels then take another path and round differently (a 32x32 projection: 2e-7),
+    and the same weights loaded from two folders gave results one uint8 level apart. Aligned,
+    a saved and reloaded pipeline computes bit for bit what the original did.
+    """
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in [*component.parameters(), *component.buffers()]:
+            if tensor.device.type == "cpu" and tensor.data_ptr() % WEIGHT_ALIGNMENT:
+                tensor.data = tensor.data.clone()
+
+
 def hub_adapter(repo_id: str, revision=None, cache_dir=None, token=None, local_files_only=None) -> Path | None:
     """The repo's `patch_adapter.safetensors` (downloaded or from the cache), or None with a warning
     that says why the adapters stay at their initial weights."""
@@ -341,12 +360,14 @@ class PatchAdapterLoadingMixin:
         if adapter:
             self.load_adapter(adapter)
         if placed:
+            align_weights(self)
             return self
         device = resolve_device(device)
         if cpu_offload and device.type != "cpu":
             self.enable_model_cpu_offload(device=device)
         else:
             self.to(device)
+        align_weights(self)
         return self
 
     # ------------------------------------------------------------------ from_pipe
@@ -381,6 +402,7 @@ class PatchAdapterLoadingMixin:
             pipe.set_scheduler(scheduler)
         if adapter:
             pipe.load_adapter(adapter)
+        align_weights(pipe)
         return pipe
 
     # ------------------------------------------------------------------ saving
