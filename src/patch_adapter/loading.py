@@ -359,14 +359,12 @@ class PatchAdapterLoadingMixin:
             self.set_scheduler(scheduler)
         if adapter:
             self.load_adapter(adapter)
-        if placed:
-            align_weights(self)
-            return self
-        device = resolve_device(device)
-        if cpu_offload and device.type != "cpu":
-            self.enable_model_cpu_offload(device=device)
-        else:
-            self.to(device)
+        if not placed:
+            device = resolve_device(device)
+            if cpu_offload and device.type != "cpu":
+                self.enable_model_cpu_offload(device=device)
+            else:
+                self.to(device)
         align_weights(self)
         return self
 

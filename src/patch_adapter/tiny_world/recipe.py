@@ -879,6 +879,22 @@ def train_adapters(recipe: TinyRecipe, backbone: Path) -> Path:
     return path
 
 
+def kept_adapters_file(recipe: TinyRecipe) -> Path:
+    """The adapters stage's committed adapter file (its `TRAINED_ON` beside it)."""
+    from ..adapters import BUNDLED_ADAPTER_FILE
+
+    return Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
+
+
+def keep_adapters(recipe: TinyRecipe, trained: Path, backbone: Path) -> Path:
+    """Commit an adapter file to the adapters stage, with what its backbone's stages had learnt (`TRAINED_ON`)."""
+    kept = kept_adapters_file(recipe)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    write_json(kept.parent / TRAINED_ON, backbone_learnt(backbone))
+    copy_atomically(trained, kept)
+    return kept
+
+
 def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
     """Train adapters again on the backbone already in `recipe.output`, keeping the others.
 
@@ -913,10 +929,7 @@ def retrain_adapters(recipe: TinyRecipe, kinds=("rpa",)) -> Path:
         write_json(target.parent / TRAINED_ON, backbone_learnt(backbone))
         log(f"kept the shipped {kind} in {target}")
     path = train_adapters(recipe, backbone)
-    kept = Path(recipe.stages) / "adapters"
-    kept.mkdir(parents=True, exist_ok=True)
-    write_json(kept / TRAINED_ON, backbone_learnt(backbone))
-    copy_atomically(path, kept / BUNDLED_ADAPTER_FILE)
+    kept = keep_adapters(recipe, path, backbone)
     copy_atomically(path, output / BUNDLED_ADAPTER_FILE)
     log(f"adapters in {output / BUNDLED_ADAPTER_FILE} and {kept}")
     return output / BUNDLED_ADAPTER_FILE
@@ -933,7 +946,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
 
     from ..adapters import BUNDLED_ADAPTER_FILE
 
-    kept = Path(recipe.stages) / "adapters" / BUNDLED_ADAPTER_FILE
+    kept = kept_adapters_file(recipe)
     trained_on_file = kept.parent / TRAINED_ON
     backbone = Path(recipe.work) / "backbone"
     assembled = backbone / "recipe_report.json"
@@ -949,10 +962,7 @@ def adapters_stage(recipe: TinyRecipe) -> Path:
     if not assembled.is_file() or old != now:  # a stage finished since the backbone was assembled
         replace_folder(assemble_backbone(recipe, fresh_staging(backbone)), backbone)
     if not kept.is_file():
-        trained = train_adapters(recipe, backbone)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        write_json(trained_on_file, backbone_learnt(backbone))
-        copy_atomically(trained, kept)
+        keep_adapters(recipe, train_adapters(recipe, backbone), backbone)
     output = Path(recipe.output)
     staging = fresh_staging(output)
     shutil.copytree(backbone, staging, ignore=shutil.ignore_patterns(BUNDLED_ADAPTER_FILE))
