@@ -356,3 +356,116 @@ def test_mask_weight_adds_the_error_inside_the_mask():
     inside = error[0][:, :2, :4].mean().item()  # the second sample has no mask: it adds nothing
     assert weighted.item() == pytest.approx(error.mean().item() + 3.0 * inside / 2, rel=1e-6)
     assert weighted.item() > plain.item() + 0.1
+
+
+def test_max_timestep_draws_only_the_timesteps_below_it():
+    """`denoising_loss(max_timestep=m)` gives the UNet timesteps in [0, m) only; m outside the schedule is refused."""
+    from diffusers import DDPMScheduler
+
+    from patch_adapter.training.trainer import denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    latents = torch.zeros(64, 4, 2, 2)
+    mask = torch.ones(64, 1, 2, 2)
+    seen = []
+
+    def unet(noisy, timesteps, **kwargs):
+        seen.append(timesteps.clone())
+        return (torch.zeros_like(noisy[:, :4]),)
+
+    def draw(limit):
+        seen.clear()
+        args = (unet, scheduler, latents, mask, latents, None, None, None, {}, torch.Generator().manual_seed(0))
+        denoising_loss(*args, torch.float32, max_timestep=limit)
+        return seen[0]
+
+    everything = draw(None)
+    assert everything.max() >= 600  # 64 draws from [0, 1000): the test below could fail
+    limited = draw(600)
+    assert limited.max() < 600 and limited.min() >= 0 and len(set(limited.tolist())) > 32
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="max_timestep"):
+            draw(bad)
+
+
+@pytest.mark.parametrize("key, value", [("mask_weight", -1.0), ("max_timestep", -5), ("detail_weight", -0.5)])
+def test_config_refuses_negative_loss_settings(key, value):
+    from patch_adapter.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=key):
+        TrainConfig(**{key: value})
+
+
+def test_a_run_hands_its_loss_settings_to_the_loss(tmp_path, monkeypatch):
+    """The loss settings of a run's config reach `denoising_loss` (not dropped on the way)."""
+    from patch_adapter.training import trainer
+
+    calls = []
+    original = trainer.denoising_loss
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "denoising_loss", recording)
+    data = make_toy_dataset(tmp_path / "data", count=1, size=256)
+    run("stage2", data, tmp_path / "out", max_steps=1, mask_weight=2.5, max_timestep=600, detail_weight=5.0, seed=0)
+    assert calls
+    assert all((c["mask_weight"], c["max_timestep"], c["detail_weight"]) == (2.5, 600, 5.0) for c in calls)
+
+
+def test_detail_error_is_zero_for_the_truth_and_counts_a_flat_fill_inside_the_mask_only():
+    from diffusers import DDPMScheduler
+
+    from patch_adapter.training.trainer import detail_error
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    timesteps = torch.tensor([100])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    alpha_bar = scheduler.alphas_cumprod[100]
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+
+    def prediction_for(clean):  # the epsilon whose clean-latent estimate is `clean`
+        return (noisy - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
+
+    def error(clean):
+        return detail_error(scheduler, noisy, prediction_for(clean), latents, timesteps, mask).item()
+
+    assert error(latents) == pytest.approx(0.0, abs=1e-8)
+    flat = latents.mean(dim=(2, 3), keepdim=True).expand_as(latents)
+    flat_inside = torch.where(mask.bool(), flat, latents)
+    flat_outside = torch.where(mask.bool(), latents, flat)
+    assert error(flat_inside) > 0.05
+    # only the columns next to the mask's edge see the flat outside through the 3x3 blur
+    assert error(flat_outside) < error(flat_inside) / 2
+
+
+def test_detail_weight_adds_the_detail_error_of_the_same_draw():
+    """`denoising_loss(detail_weight=w)` is the MSE plus w times `detail_error` of the noise and timesteps it drew."""
+    from diffusers import DDPMScheduler
+
+    from patch_adapter.training import trainer
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    seen = {}
+
+    def unet(noisy, timesteps, **kwargs):
+        seen.update(noisy=noisy[:, :4], timesteps=timesteps)  # the UNet's input: noisy latents, mask, masked
+        return (torch.zeros_like(noisy[:, :4]),)  # predicts no noise: a fill that keeps the noisy latents' grain
+
+    def loss(weight):
+        args = (unet, scheduler, latents, mask, latents, None, None, None, {}, torch.Generator().manual_seed(0))
+        return trainer.denoising_loss(*args, torch.float32, detail_weight=weight).item()
+
+    plain = loss(0.0)
+    detail = trainer.detail_error(
+        scheduler, seen["noisy"], torch.zeros_like(latents), latents, seen["timesteps"], mask
+    ).mean()
+    assert detail.item() > 1e-3  # the test below could fail
+    assert loss(4.0) == pytest.approx(plain + 4.0 * detail.item(), rel=1e-5)

@@ -53,6 +53,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     overfit_batches: int = 0  # debugging: repeat the first N micro-batches (images, masks, noise, timesteps); 0 = off
     ema_decay: float = 0.0  # EMA of the adapter weights (0 = off; 0.999 is typical); exported weights are the EMA
+    # extra weight of the error inside the mask (`trainer.denoising_loss`); 0 = the whole-latent MSE only
+    mask_weight: float = 0.0
+    # timesteps drawn from [0, max_timestep) (0 = the scheduler's whole range). Stage 2's patches start at
+    # refine_strength x 1000 (600 by default), so the RPA never meets the noisier ones at inference
+    max_timestep: int = 0
+    # weight of the detail term (`trainer.detail_error`: the predicted clean latents' high-frequency magnitude
+    # against the truth's, inside the mask); 0 = off
+    detail_weight: float = 0.0
 
     # --- memory and speed
     mixed_precision: str = "no"  # no, fp16 or bf16: the frozen backbone is cast to it, adapters train in fp32
@@ -112,6 +120,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("mask_weight", "detail_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in (
@@ -123,6 +134,7 @@ class TrainConfig:
             "bucket_step",
             "stage2_min_side",
             "reference_shift_pixels",
+            "max_timestep",
         ):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")

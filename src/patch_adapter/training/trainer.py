@@ -224,6 +224,9 @@ def training_loss(
         attention_kwargs,
         generator,
         dtype,
+        mask_weight=config.mask_weight,
+        max_timestep=config.max_timestep or None,
+        detail_weight=config.detail_weight,
     )
 
 
@@ -256,6 +259,8 @@ def denoising_loss(
     dtype: torch.dtype,
     snr_gamma: float | None = None,
     mask_weight: float = 0.0,
+    max_timestep: int | None = None,
+    detail_weight: float = 0.0,
 ) -> torch.Tensor:
     """The backbone's loss on clean latents: noise them at random timesteps, predict, MSE to the target.
 
@@ -265,12 +270,18 @@ def denoising_loss(
     `mask_weight` adds that many times the sample's mean error inside its mask: outside
     the mask the answer can be copied from the masked latents, and a small model trained
     on the whole-picture mean spends its few steps learning the copy, not the fill.
+    `max_timestep` draws the timesteps from [0, max_timestep) instead of the whole schedule.
+    `detail_weight` adds that many times `detail_error`: the MSE rewards the mean of the
+    fills that fit, a blur for a weak model; this term asks for the truth's amount of detail.
     """
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    ).to(device)
+    highest = noise_scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        if not 0 < max_timestep <= highest:
+            raise ValueError(f"max_timestep must be in [1, {highest}], got {max_timestep}")
+        highest = max_timestep
+    timesteps = torch.randint(0, highest, (latents.shape[0],), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -281,6 +292,10 @@ def denoising_loss(
     )
     error = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = error.mean(dim=(1, 2, 3))
+    if detail_weight:
+        per_sample = per_sample + detail_weight * detail_error(
+            noise_scheduler, noisy, prediction, latents, timesteps, mask_latents
+        )
     if mask_weight:
         inside = mask_latents.float().expand_as(error)
         per_sample = per_sample + mask_weight * (error * inside).sum(dim=(1, 2, 3)) / inside.sum(
@@ -295,6 +310,28 @@ def denoising_loss(
     if noise_scheduler.config.prediction_type == "v_prediction":
         weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
     return (per_sample * weight.float()).mean()
+
+
+def high_pass(x: torch.Tensor) -> torch.Tensor:
+    """What a 3x3 box blur removes: the latents' finest detail."""
+    return x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def detail_error(noise_scheduler, noisy, prediction, latents, timesteps, mask_latents) -> torch.Tensor:
+    """Per sample: how far the predicted clean latents' detail magnitude is from the truth's, inside the mask.
+
+    Magnitudes, not values: a fill whose grain is where the truth's is not is not
+    penalised, a flat one is. Weighted by alpha_bar, so the noisy timesteps, whose
+    clean-latent estimate is a blur by necessity, count little.
+    """
+    alpha_bar = noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        clean = alpha_bar.sqrt() * noisy.float() - (1 - alpha_bar).sqrt() * prediction.float()
+    else:
+        clean = (noisy.float() - (1 - alpha_bar).sqrt() * prediction.float()) / alpha_bar.sqrt()
+    gap = (high_pass(clean).abs() - high_pass(latents.float()).abs()) ** 2 * alpha_bar
+    inside = mask_latents.float().expand_as(gap)
+    return (gap * inside).sum(dim=(1, 2, 3)) / inside.sum(dim=(1, 2, 3)).clamp_min(1)
 
 
 def find_checkpoint(output: Path, resume: str) -> Path | None:
