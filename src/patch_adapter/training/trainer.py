@@ -297,10 +297,7 @@ def denoising_loss(
             noise_scheduler, noisy, prediction, latents, timesteps, mask_latents
         )
     if mask_weight:
-        inside = mask_latents.float().expand_as(error)
-        per_sample = per_sample + mask_weight * (error * inside).sum(dim=(1, 2, 3)) / inside.sum(
-            dim=(1, 2, 3)
-        ).clamp_min(1)
+        per_sample = per_sample + mask_weight * mean_inside(error, mask_latents)
     if snr_gamma is None:
         return per_sample.mean()
     from diffusers.training_utils import compute_snr
@@ -310,6 +307,12 @@ def denoising_loss(
     if noise_scheduler.config.prediction_type == "v_prediction":
         weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
     return (per_sample * weight.float()).mean()
+
+
+def mean_inside(values: torch.Tensor, mask_latents: torch.Tensor) -> torch.Tensor:
+    """Per sample: the mean of `values` over the latent mask (0 for a sample without one)."""
+    inside = mask_latents.float().expand_as(values)
+    return (values * inside).sum(dim=(1, 2, 3)) / inside.sum(dim=(1, 2, 3)).clamp_min(1)
 
 
 def high_pass(x: torch.Tensor) -> torch.Tensor:
@@ -330,8 +333,7 @@ def detail_error(noise_scheduler, noisy, prediction, latents, timesteps, mask_la
     else:
         clean = (noisy.float() - (1 - alpha_bar).sqrt() * prediction.float()) / alpha_bar.sqrt()
     gap = (high_pass(clean).abs() - high_pass(latents.float()).abs()) ** 2 * alpha_bar
-    inside = mask_latents.float().expand_as(gap)
-    return (gap * inside).sum(dim=(1, 2, 3)) / inside.sum(dim=(1, 2, 3)).clamp_min(1)
+    return mean_inside(gap, mask_latents)
 
 
 def find_checkpoint(output: Path, resume: str) -> Path | None:
